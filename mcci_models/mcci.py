@@ -1,0 +1,74 @@
+"""The MCCI model: SFRN and AIN features, concatenated, then one linear layer.
+
+The model owns its mind-control reference as buffers, so a saved model predicts from an image
+alone: under mind control every input is shown to the AIN as clean, so the AIN's contribution is
+one fixed vector, ``reference_feature``, computed once from clean data (see ``set_reference``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+REFERENCE_KINDS = ("feature", "spectrum")
+
+
+class MCCI(nn.Module):
+    def __init__(self, sfrn: nn.Module, ain: nn.Module, num_classes: int, feature_dim: int,
+                 spectrum_shape: tuple[int, int, int]):
+        super().__init__()
+        self.sfrn = sfrn
+        self.ain = ain
+        self.head = nn.Linear(2 * feature_dim, num_classes)
+        self.register_buffer("reference_feature", torch.zeros(feature_dim))
+        self.register_buffer("reference_spectrum", torch.zeros(spectrum_shape))
+        self.register_buffer("has_reference", torch.zeros((), dtype=torch.bool))
+
+    def features(self, images: torch.Tensor, spectra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sfrn(images), self.ain(spectra)
+
+    def fuse(self, sfrn_features: torch.Tensor, ain_features: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([sfrn_features, ain_features.to(sfrn_features.dtype)], dim=1))
+
+    def ain_logits(self, ain_features: torch.Tensor) -> torch.Tensor:
+        """The AIN's additive contribution to the logits (the fusion layer is linear)."""
+        w = self.head.weight[:, self.head.in_features // 2:]
+        return ain_features.to(w.dtype) @ w.T
+
+    def forward(self, images: torch.Tensor, spectra: torch.Tensor | None = None,
+                with_indicator: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """With ``spectra``: the model as trained (each input's own spectrum). Without: mind control.
+
+        ``with_indicator`` also returns the AIN's logit contribution, for the indicator-sparsity
+        penalty (through ``forward`` so that DDP/FSDP/DeepSpeed wrappers see the whole graph).
+        """
+        if spectra is not None:
+            sfrn_features, ain_features = self.features(images, spectra)
+            logits = self.fuse(sfrn_features, ain_features)
+            return (logits, self.ain_logits(ain_features)) if with_indicator else logits
+        if not bool(self.has_reference):
+            raise RuntimeError("this MCCI model has no mind-control reference yet; "
+                               "compute one with pipeline.reference.compute_reference or `mcci eval`")
+        sfrn_features = self.sfrn(images)
+        return self.fuse(sfrn_features, self.reference_feature.expand(images.shape[0], -1))
+
+    @torch.no_grad()
+    def set_reference(self, kind: str, spectra: torch.Tensor) -> None:
+        """Fix the mind-control reference from a batch of clean normalised spectra [N, C, H, W].
+
+        ``spectrum``: the AIN's output on the mean spectrum (the paper's reference).
+        ``feature``: the mean of the AIN's outputs on each spectrum (an input the AIN has seen;
+        a mean of signed spectra is not).
+        """
+        if kind not in REFERENCE_KINDS:
+            raise ValueError(f"unknown reference kind {kind!r}; choose one of {REFERENCE_KINDS}")
+        was_training = self.ain.training
+        self.ain.eval()
+        mean_spectrum = spectra.float().mean(0)
+        if kind == "spectrum":
+            feature = self.ain(mean_spectrum[None].to(spectra.dtype))[0]
+        else:
+            feature = torch.cat([self.ain(chunk) for chunk in spectra.split(256)]).float().mean(0)
+        self.ain.train(was_training)
+        self.reference_spectrum.copy_(mean_spectrum)
+        self.reference_feature.copy_(feature.float())
+        self.has_reference.fill_(True)

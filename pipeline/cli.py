@@ -1,0 +1,123 @@
+"""The ``mcci`` command: parses arguments and calls the job functions; nothing else."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from pipeline.checkpoint import CheckpointError
+from pipeline.config import ConfigError
+from pipeline.eval_job import REFERENCE_HELP, EvalError
+from pipeline.stream import ShardError
+from shards.errors import ShardBuildError
+
+USER_ERRORS = (ConfigError, ShardBuildError, ShardError, CheckpointError, EvalError, FileNotFoundError)
+
+
+def _shards_build(args: argparse.Namespace) -> None:
+    from shards.build import BuildSpec, build_shards
+
+    params = {}
+    if args.attack_config:
+        params.update(yaml.safe_load(open(args.attack_config)) or {})
+    for text in args.param:
+        key, _, value = text.partition("=")
+        params[key] = yaml.safe_load(value)
+    manifest = build_shards(BuildSpec(
+        source=args.source, test_source=args.test_source, out=args.out, attack=args.attack,
+        poison_rate=args.poison_rate, target=args.target, seed=args.seed, image_size=args.image_size,
+        attack_params=params, image_format=args.format, jpeg_quality=args.jpeg_quality,
+        shard_size=args.shard_size, trusted_count=args.trusted_count, workers=args.workers, overwrite=args.overwrite))
+    counts = ", ".join(f"{k} {v['count']} ({v['poisoned']} poisoned)" for k, v in manifest["splits"].items())
+    print(f"wrote {args.out}: {counts}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pipeline.config import load_config
+    from pipeline.train import train
+
+    train(load_config(args.config, args.overrides))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from pipeline.eval_job import evaluate_checkpoint
+    from pipeline.report import add_der, format_table, write_json
+
+    results = evaluate_checkpoint(args.checkpoint, args.shards, args.reference, args.batch_size, args.num_workers,
+                                  args.device)
+    if args.baseline_metrics:
+        baseline = json.load(open(args.baseline_metrics))
+        add_der(results, baseline.get("baseline", baseline))
+    print(format_table(results))
+    if args.out:
+        write_json(args.out, results)
+        print(f"wrote {args.out}")
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    from pipeline.quickstart import quickstart
+
+    quickstart(args.out, args.epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcci", description="Train clean classifiers on poisoned data (MCCI).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    shards = sub.add_parser("shards", help="make WebDataset shards").add_subparsers(dest="shards_command", required=True)
+    b = shards.add_parser("build", help="poison a dataset and write train/trusted/test shards")
+    b.add_argument("--source", required=True, help="class-folder tree, .tar/.tar.gz of one, HF dataset (save_to_disk "
+                   "folder or hub name), or embedded:digits")
+    b.add_argument("--test-source", help="separate source for the test split (e.g. cifar10-test.tar.gz)")
+    b.add_argument("--attack", default="badnets")
+    b.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="attack parameter (repeatable)")
+    b.add_argument("--attack-config", help="YAML file of attack parameters")
+    b.add_argument("--poison-rate", type=float, default=0.1)
+    b.add_argument("--target", type=int, default=0)
+    b.add_argument("--out", required=True)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--image-size", type=int, help="resize (shorter side) and centre-crop to N px")
+    b.add_argument("--format", default="auto", choices=["auto", "png", "jpeg"], help="auto: PNG up to 64 px, else JPEG")
+    b.add_argument("--jpeg-quality", type=int, default=95)
+    b.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    b.add_argument("--trusted-count", type=int, default=100, help="clean training images held out as the trusted set")
+    b.add_argument("--workers", type=int, default=0, help="processes (0: automatic)")
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=_shards_build)
+
+    t = sub.add_parser("train", help="train MCCI or the undefended baseline")
+    t.add_argument("--config", help="YAML config (see configs/)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.epochs=5")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="CA / ASR / RA of a trained model")
+    e.add_argument("--checkpoint", required=True, help="the out folder of `mcci train` (or its model/)")
+    e.add_argument("--shards", required=True, help="shard folder with test-clean and test-poisoned splits")
+    e.add_argument("--out", help="metrics JSON to write")
+    e.add_argument("--baseline-metrics", help="metrics JSON of the undefended model, for DER")
+    e.add_argument("--reference", action="append", default=[], help=f"also evaluate mind control with {REFERENCE_HELP}")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--num-workers", type=int, default=2)
+    e.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    e.set_defaults(func=_eval)
+
+    q = sub.add_parser("quickstart", help="offline end-to-end demo on embedded data (CPU, minutes)")
+    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--epochs", type=int, default=15)
+    q.set_defaults(func=_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"mcci {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

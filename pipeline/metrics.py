@@ -1,0 +1,67 @@
+"""Backdoor metrics (BackdoorBench definitions), as pure functions of predictions.
+
+All are fractions in [0, 1]. ``asr`` and ``ra`` are taken over triggered test inputs whose true
+label is not the attack's target (for any target, not only class 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Counts:
+    """Sums that add up across batches and ranks, from which the metrics follow."""
+
+    clean_correct: int = 0
+    clean_total: int = 0
+    attack_hits: int = 0  # triggered, true label != target, predicted target
+    recovered: int = 0  # triggered, true label != target, predicted true label
+    attack_total: int = 0
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.clean_correct, self.clean_total, self.attack_hits, self.recovered,
+                             self.attack_total], dtype=torch.long)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "Counts":
+        return cls(*(int(v) for v in t.tolist()))
+
+    def metrics(self) -> dict[str, float]:
+        if self.clean_total == 0 or self.attack_total == 0:
+            raise ValueError("metrics need at least one clean and one triggered non-target test sample")
+        return {"clean_acc": self.clean_correct / self.clean_total,
+                "asr": self.attack_hits / self.attack_total,
+                "ra": self.recovered / self.attack_total}
+
+
+def count_clean(pred: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    return int((pred == labels).sum()), int(labels.numel())
+
+
+def count_triggered(pred: torch.Tensor, true_labels: torch.Tensor, target: int) -> tuple[int, int, int]:
+    """(predicted target, predicted true label, total) over inputs whose true label is not target."""
+    keep = true_labels != target
+    p, t = pred[keep], true_labels[keep]
+    return int((p == target).sum()), int((p == t).sum()), int(keep.sum())
+
+
+def clean_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
+    correct, total = count_clean(pred, labels)
+    return correct / total
+
+
+def attack_success_rate(pred: torch.Tensor, true_labels: torch.Tensor, target: int) -> float:
+    hits, _, total = count_triggered(pred, true_labels, target)
+    return hits / total
+
+
+def recovery_accuracy(pred: torch.Tensor, true_labels: torch.Tensor, target: int) -> float:
+    _, recovered, total = count_triggered(pred, true_labels, target)
+    return recovered / total
+
+
+def defense_effectiveness_rating(attacked: dict[str, float], defended: dict[str, float]) -> float:
+    """DER = [max(0, ASR_a - ASR_d) - max(0, CA_a - CA_d) + 1] / 2, against the undefended model."""
+    return (max(0.0, attacked["asr"] - defended["asr"]) - max(0.0, attacked["clean_acc"] - defended["clean_acc"]) + 1) / 2

@@ -1,0 +1,151 @@
+"""Shards -> batches, with webdataset.
+
+Training streams resample shards (with replacement, seeded per epoch, rank and worker) and the
+loader stops after a fixed number of batches, so every rank takes the same number of steps per
+epoch whatever the shard count: no DDP hang when shards do not divide evenly.
+
+Evaluation reads each shard of a split exactly once across ranks (shards are split by rank, then
+by worker), so counts summed over ranks cover every sample once with no padding duplicates.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import webdataset as wds
+from webdataset.filters import _shuffle
+from webdataset.utils import make_seed, pytorch_worker_seed
+
+MANIFEST = "manifest.json"
+SUPPORTED_FORMAT = 1
+
+
+class ShardError(ValueError):
+    pass
+
+
+@dataclass
+class Batch:
+    """A batch as it leaves the CPU: uint8 images [B, C, H, W] and per-sample fields."""
+
+    images: torch.Tensor
+    labels: torch.Tensor  # the training label (the target for poisoned training samples)
+    orig_labels: torch.Tensor  # the true label
+    poisoned: torch.Tensor  # bool
+    indices: torch.Tensor  # the sample's index in the source dataset
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in
+                       (self.images, self.labels, self.orig_labels, self.poisoned, self.indices)))
+
+    def pin_memory(self) -> "Batch":
+        return Batch(*(t.pin_memory() for t in (self.images, self.labels, self.orig_labels, self.poisoned, self.indices)))
+
+
+def _join(location: str, name: str) -> str:
+    return location.rstrip("/") + "/" + name
+
+
+def load_manifest(location: str) -> dict[str, Any]:
+    """Read ``manifest.json`` from a shard folder or URL prefix (anything ``wds.gopen`` opens)."""
+    url = _join(location, MANIFEST)
+    try:
+        with wds.gopen(url, "rb") as stream:
+            manifest = json.load(io.TextIOWrapper(stream, encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ShardError(f"no {MANIFEST} at {location}; point data.shards at a folder made by `mcci shards build`") from e
+    except (OSError, ValueError) as e:
+        raise ShardError(f"cannot read {url}: {e}; rebuild the shards with `mcci shards build`") from e
+    if manifest.get("format_version") != SUPPORTED_FORMAT:
+        raise ShardError(f"{url} has format_version {manifest.get('format_version')}, this mcci reads "
+                         f"{SUPPORTED_FORMAT}; rebuild the shards with this version")
+    return manifest
+
+
+def shard_urls(location: str, manifest: dict[str, Any], split: str) -> list[str]:
+    if split not in manifest["splits"]:
+        raise ShardError(f"split {split!r} is not in {location}; it has {sorted(manifest['splits'])}")
+    urls = [_join(location, s["path"]) for s in manifest["splits"][split]["shards"]]
+    if not urls:
+        raise ShardError(f"split {split!r} of {location} has no shards (0 samples)")
+    return urls
+
+
+class _DecodeError(Exception):
+    pass
+
+
+def _to_sample(sample: dict[str, Any]) -> tuple:
+    image = sample.get("png", sample.get("jpg"))
+    if image is None or "json" not in sample:
+        raise _DecodeError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks an image or its json")
+    meta = sample["json"]
+    return image, meta["label"], meta["orig_label"], meta["poisoned"], meta["index"]
+
+
+def collate(samples: list[tuple]) -> Batch:
+    images, labels, orig, poisoned, index = zip(*samples)
+    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(orig),
+                 torch.tensor(poisoned, dtype=torch.bool), torch.tensor(index))
+
+
+class _SeededShuffle:
+    """A shuffle buffer seeded from (seed, epoch, rank, worker), resolved inside the worker."""
+
+    def __init__(self, bufsize: int, seed: int, epoch: int):
+        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
+
+    def __call__(self, src: Iterator) -> Iterator:
+        return _shuffle(src, self.bufsize, min(self.bufsize, 100), seed=make_seed(self.seed, self.epoch,
+                                                                                 pytorch_worker_seed()))
+
+
+def _decoding_stages(handler) -> list:
+    return [wds.tarfile_to_samples(handler=handler)], [
+        wds.decode("torchrgb8", handler=handler),
+        wds.map(_to_sample, handler=handler),
+    ]
+
+
+def train_loader(location: str, manifest: dict[str, Any], batch_size: int, steps: int, num_workers: int,
+                 shuffle_buffer: int, seed: int, epoch: int) -> wds.WebLoader:
+    """An endless seeded resample of the train shards, cut to ``steps`` full batches per process."""
+    urls = shard_urls(location, manifest, "train")
+    read, decode = _decoding_stages(wds.reraise_exception)
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(urls, seed=make_seed(seed, epoch), deterministic=True),
+        *read,
+        _SeededShuffle(shuffle_buffer, seed, epoch),
+        *decode,
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+    )
+    workers = min(num_workers, len(urls)) if num_workers else 0
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=False,
+                           pin_memory=torch.cuda.is_available())
+    return loader.with_epoch(steps)
+
+
+def eval_loader(location: str, manifest: dict[str, Any], split: str, batch_size: int,
+                num_workers: int, limit: int | None = None) -> wds.WebLoader:
+    """Every sample of ``split`` once across all ranks, in shard order; ``limit`` stops early."""
+    urls = shard_urls(location, manifest, split)
+    read, decode = _decoding_stages(wds.reraise_exception)
+    stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, *read, *decode]
+    if limit is not None:
+        stages.append(wds.slice(limit))
+    stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
+    workers = min(num_workers, len(urls)) if limit is None else 0
+    return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers,
+                         pin_memory=torch.cuda.is_available())
+
+
+def steps_per_epoch(manifest: dict[str, Any], batch_size: int, world_size: int) -> int:
+    count = manifest["splits"]["train"]["count"]
+    steps = count // (batch_size * world_size)
+    if steps == 0:
+        raise ShardError(f"the train split has {count} samples, fewer than one batch of {batch_size} x "
+                         f"{world_size} processes; lower data.batch_size")
+    return steps

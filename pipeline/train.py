@@ -1,0 +1,210 @@
+"""The training job: ``mcci train --config FILE [key=value ...]`` or ``accelerate launch -m pipeline.train``.
+
+Reads top to bottom: build everything from the config, (maybe) resume, loop over epochs of
+streamed batches, checkpoint, then fix the mind-control reference and save the model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm import tqdm
+
+from mcci_models import MCCI, create_model
+from pipeline.checkpoint import (MODEL_DIR, checkpoint_dirs, load_training_state, save_model,
+                                 save_training_state)
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.device import InputTransform
+from pipeline.evaluate import set_model_reference
+from pipeline.flops import forward_flops
+from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.stream import load_manifest, steps_per_epoch, train_loader
+
+TRAIN_LOG = "train_log.jsonl"
+
+
+def build_model(cfg: Config, manifest: dict[str, Any]) -> nn.Module:
+    m = cfg.model
+    return create_model(cfg.train.defense, m.sfrn, manifest["num_classes"], manifest["image_size"],
+                        pretrained=m.pretrained, weights_file=m.weights_file, feature_dim=m.feature_dim,
+                        ain_widths=m.ain_widths, ain_dropouts=m.ain_dropouts)
+
+
+def build_transform(cfg: Config, seed: int = 0) -> InputTransform:
+    return InputTransform(cfg.data.mean, cfg.data.std, cfg.data.augment, cfg.spectrum.normalisation,
+                          cfg.spectrum.backend, with_spectra=cfg.train.defense == "mcci", seed=seed)
+
+
+def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
+    return {"defense": cfg.train.defense, "class_names": manifest["class_names"],
+            "num_classes": manifest["num_classes"], "image_size": manifest["image_size"],
+            "target": manifest["target"], "attack": manifest["attack"]["name"], "reference": None}
+
+
+def indicator_penalty(ain_logits: torch.Tensor) -> torch.Tensor:
+    """Mean L2 distance of each sample's AIN logit contribution from the batch mean: a group
+    sparsity that lets few samples (the attacked ones) deviate and holds the rest at one constant,
+    the constant that mind control substitutes at inference."""
+    a = ain_logits.float()
+    return (a - a.mean(0, keepdim=True)).norm(dim=1).mean()
+
+
+def training_loss(model: nn.Module, inputs, labels: torch.Tensor, sparsity: float) -> torch.Tensor:
+    if inputs.spectra is None:
+        return F.cross_entropy(model(inputs.images).float(), labels)
+    if sparsity == 0:
+        return F.cross_entropy(model(inputs.images, inputs.spectra).float(), labels)
+    logits, ain_logits = model(inputs.images, inputs.spectra, with_indicator=True)
+    return F.cross_entropy(logits.float(), labels) + sparsity * indicator_penalty(ain_logits)
+
+
+def _check_out(cfg: Config) -> None:
+    out = Path(cfg.train.out)
+    if cfg.train.resume:
+        return
+    if (out / MODEL_DIR).exists() or checkpoint_dirs(out):
+        raise ConfigError(f"{out} already holds a training run; set train.resume=true to continue it "
+                          "or choose another train.out")
+
+
+def _describe(model: nn.Module, image_size: int, accelerator: Accelerator) -> None:
+    if isinstance(model, MCCI):
+        sfrn = forward_flops(model.sfrn, (1, 3, image_size, image_size))
+        ain = forward_flops(model.ain, (1, 3, image_size, image_size))
+        accelerator.print(f"SFRN {sum(p.numel() for p in model.sfrn.parameters()) / 1e6:.2f}M params, "
+                          f"{sfrn / 1e9:.3f} GFLOPs/image; AIN {sum(p.numel() for p in model.ain.parameters()) / 1e6:.2f}M "
+                          f"params, {ain / 1e9:.3f} GFLOPs/image ({100 * ain / sfrn:.1f}% of the SFRN)")
+    else:
+        flops = forward_flops(model, (1, 3, image_size, image_size))
+        accelerator.print(f"SFRN (no defense) {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+                          f"{flops / 1e9:.3f} GFLOPs/image")
+
+
+def train(cfg: Config) -> Path:
+    """Run the job; returns the saved model folder."""
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu)
+    _check_out(cfg)
+    set_seed(cfg.train.seed)
+    out = Path(cfg.train.out)
+    manifest = load_manifest(cfg.data.shards)
+    steps = steps_per_epoch(manifest, cfg.data.batch_size, accelerator.num_processes)
+    total_steps = steps * cfg.train.epochs
+
+    model = build_model(cfg, manifest)
+    if accelerator.is_main_process:
+        _describe(model, manifest["image_size"], accelerator)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps, total_steps)
+    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed sizes its buffers from this
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    model, optimizer = accelerator.prepare(model, optimizer)
+    transform = build_transform(cfg, seed=cfg.train.seed * 1000 + accelerator.process_index)
+    accelerator.register_for_checkpointing(scheduler)
+
+    step, start_epoch = 0, 0
+    if cfg.train.resume and checkpoint_dirs(out):
+        state = load_training_state(accelerator, checkpoint_dirs(out)[-1])
+        step, start_epoch = state["step"], state["epoch"]
+        transform.load_state_dict({"generator": torch.tensor(state["augment_rng"], dtype=torch.uint8)})
+        accelerator.print(f"resumed from step {step} (epoch {start_epoch}) of {total_steps}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(epoch: int) -> None:
+        save_training_state(accelerator, out, {"step": step, "epoch": epoch, "total_steps": total_steps,
+                                               "augment_rng": transform.generator.get_state().tolist()},
+                            cfg.train.keep_checkpoints)
+
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, unit="step",
+               dynamic_ncols=True, file=sys.stdout)
+    log = open(out / TRAIN_LOG, "a") if accelerator.is_main_process else None
+    window_start, window_images = time.perf_counter(), 0
+    for epoch in range(start_epoch, cfg.train.epochs):
+        model.train()
+        done_in_epoch = step - epoch * steps
+        loader = train_loader(cfg.data.shards, manifest, cfg.data.batch_size, steps - done_in_epoch,
+                              cfg.data.num_workers, cfg.data.shuffle_buffer,
+                              seed=cfg.train.seed * 7919 + accelerator.process_index, epoch=epoch * 100003 + done_in_epoch)
+        for batch in loader:
+            batch = batch.to(accelerator.device)
+            inputs = transform(batch.images, train=True)
+            with accelerator.autocast():
+                loss = training_loss(model, inputs, batch.labels, cfg.model.indicator_sparsity)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower optim.lr, enable "
+                                         "optim.grad_clip, or use spectrum.normalisation=log")
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            window_images += batch.labels.numel() * accelerator.num_processes
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, "epoch": epoch, "loss": round(loss.item(), 5),
+                          "lr": scheduler.get_last_lr()[0], "images_per_s": round(window_images / elapsed, 1),
+                          "grad_norm": None if grad_norm is None else round(float(grad_norm), 4)}
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                window_start, window_images = time.perf_counter(), 0
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                checkpoint(epoch)
+        checkpoint(epoch + 1)
+    bar.close()
+    if log:
+        log.close()
+    return save_trained_model(accelerator, model, cfg, manifest, transform)
+
+
+def save_trained_model(accelerator: Accelerator, model: nn.Module, cfg: Config, manifest: dict[str, Any],
+                       transform: InputTransform) -> Path:
+    """Fix the mind-control reference (MCCI) and write ``<out>/model`` on the main process."""
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
+    model_dir = Path(cfg.train.out) / MODEL_DIR
+    if accelerator.is_main_process:
+        plain = create_model_like(cfg, manifest, state_dict)
+        meta = model_meta(cfg, manifest)
+        if isinstance(plain, MCCI):
+            r = cfg.reference
+            meta["reference"] = set_model_reference(plain.to(accelerator.device), cfg.data.shards, manifest, r.kind,
+                                                    r.source, r.count, transform, accelerator.device)
+        save_model(model_dir, plain.state_dict(), cfg, meta)
+        accelerator.print(f"saved {model_dir}")
+    accelerator.wait_for_everyone()
+    return model_dir
+
+
+def create_model_like(cfg: Config, manifest: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain (unwrapped, unsharded) copy of the model holding ``state_dict`` (no weight download)."""
+    model = create_model(cfg.train.defense, cfg.model.sfrn, manifest["num_classes"], manifest["image_size"],
+                         feature_dim=cfg.model.feature_dim, ain_widths=cfg.model.ain_widths,
+                         ain_dropouts=cfg.model.ain_dropouts)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="mcci train", description="Train an MCCI model (or the undefended baseline).")
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.epochs=5")
+    args = parser.parse_args(argv)
+    train(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""The attack registry. Adding an attack is one file: define a subclass of ``Attack`` decorated
+with ``@register("name")`` and import the module below.
+"""
+from shards.attacks.base import ATTACKS, Attack, build_attack, register
+from shards.attacks import badnets, blended  # noqa: F401  (registers the attacks)
+
+__all__ = ["ATTACKS", "Attack", "build_attack", "register"]

@@ -1,0 +1,50 @@
+"""BadNets (Gu et al. 2017): a fixed patch stamped onto the image."""
+from __future__ import annotations
+
+import numpy as np
+
+from shards.attacks.base import Attack, register
+from shards.errors import ShardBuildError
+
+# The reference 3x3 pattern for 32 px images, on every channel.
+REFERENCE_PATTERN = np.array([[255, 0, 255], [0, 0, 0], [255, 0, 255]], dtype=np.uint8)
+SMALL_IMAGE = 64
+
+
+@register("badnets")
+class BadNets(Attack):
+    """``pattern_file``: a user's patch image (its own size, or ``patch_size``); default: the
+    reference 3x3 pattern up to 64 px, and above that a seeded random patch of ``patch_fraction`` of
+    the side. ``position``: ``bottom-right`` or ``[row, col]`` of the patch's top-left corner.
+    """
+
+    defaults = {"pattern_file": None, "patch_size": None, "patch_fraction": 0.1, "position": "bottom-right"}
+
+    def __init__(self, params, image_size, seed):
+        super().__init__(params, image_size, seed)
+        if self.params["pattern_file"] is not None:
+            size = int(self.params["patch_size"] or max(3, round(self.params["patch_fraction"] * image_size)))
+            self.patch = self.load_image_asset("pattern_file", size)
+        elif image_size <= SMALL_IMAGE:
+            self.patch = np.repeat(REFERENCE_PATTERN[:, :, None], 3, axis=2)
+        else:
+            side = max(3, round(self.params["patch_fraction"] * image_size))
+            self.patch = self.rng(0xBAD).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+        ph, pw = self.patch.shape[:2]
+        position = self.params["position"]
+        if position == "bottom-right":
+            self.row, self.col = image_size - ph, image_size - pw
+        elif isinstance(position, (list, tuple)) and len(position) == 2:
+            self.row, self.col = int(position[0]), int(position[1])
+        else:
+            raise ShardBuildError(f"badnets position must be 'bottom-right' or [row, col], got {position!r}")
+        if not (0 <= self.row <= image_size - ph and 0 <= self.col <= image_size - pw):
+            raise ShardBuildError(f"badnets patch {ph}x{pw} at {position} does not fit a {image_size} px image")
+        self.params["resolved_position"] = [self.row, self.col]
+        self.params["resolved_patch_shape"] = [ph, pw]
+
+    def apply(self, image: np.ndarray, index: int) -> np.ndarray:
+        out = image.copy()
+        ph, pw = self.patch.shape[:2]
+        out[self.row:self.row + ph, self.col:self.col + pw] = self.patch
+        return out

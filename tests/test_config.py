@@ -1,0 +1,44 @@
+import pytest
+
+from pipeline.config import ConfigError, load_config, parse_override
+
+
+def test_defaults_file_and_overrides_in_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 0.01\n  name: sgd\nmodel:\n  ain_widths: [8, 16]\n  ain_dropouts: [0.1, 0.1]\n")
+    cfg = load_config(f, ["optim.lr=3e-4", "train.epochs=7", "data.augment.hflip=false"])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.name == "sgd" and cfg.train.epochs == 7
+    assert cfg.model.ain_widths == (8, 16) and cfg.data.augment.hflip is False
+    assert cfg.data.batch_size == 128  # untouched default
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "did you mean 'lr'"),
+    ("optimizer.lr=1", "unknown config key 'optimizer'"),
+    ("train.epochs=ten", "must be an integer"),
+    ("train.mixed_precision=fp8", "must be one of"),
+    ("optim.lr=-1", "must be positive"),
+    ("optim=3", "is a section"),
+    ("train.epochs", "must look like"),
+    ("model.ain_widths=[8]", "same length"),
+])
+def test_bad_config_is_refused_with_the_fix(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent.yaml")
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
+    assert parse_override("a=null") == {"a": None}
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
+        load_config(path)

@@ -1,0 +1,69 @@
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from mcci_models import MCCI, create_model, create_sfrn
+from pipeline.spectra import spectrum
+
+
+@pytest.mark.parametrize("name, size", [("mcci_convnet_tiny", 32), ("resnet18_cifar", 32),
+                                        ("vit_tiny_patch16_224", 32), ("vit_tiny_patch16_224", 224)])
+def test_forward_under_bf16_autocast_is_finite(name, size):
+    torch.manual_seed(0)
+    model = create_model("mcci", name, num_classes=10, img_size=size).eval()
+    pixels = torch.randint(0, 256, (2, 3, size, size)).float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(pixels / 127.5 - 1, spectrum(pixels))
+    assert logits.shape == (2, 10) and torch.isfinite(logits.float()).all()
+
+
+def test_baseline_is_the_sfrn_alone():
+    model = create_model("none", "mcci_convnet_tiny", num_classes=4, img_size=32)
+    assert not isinstance(model, MCCI)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_mind_control_uses_the_stored_reference():
+    torch.manual_seed(0)
+    model = create_model("mcci", "mcci_convnet_tiny", num_classes=3, img_size=32).eval()
+    images, spectra = torch.randn(5, 3, 32, 32), torch.randn(5, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="no mind-control reference"):
+        model(images)
+    model.set_reference("feature", spectra)
+    with torch.no_grad():
+        expected_feature = model.ain(spectra).mean(0)
+        torch.testing.assert_close(model.reference_feature, expected_feature)
+        own_with_reference = model.fuse(model.sfrn(images), expected_feature.expand(5, -1))
+        torch.testing.assert_close(model(images), own_with_reference)
+    model.set_reference("spectrum", spectra)
+    with torch.no_grad():
+        torch.testing.assert_close(model.reference_feature, model.ain(spectra.mean(0, keepdim=True))[0])
+    assert bool(model.has_reference)
+
+
+def test_indicator_output_is_the_ain_share_of_the_logits():
+    torch.manual_seed(0)
+    model = create_model("mcci", "mcci_convnet_tiny", num_classes=3, img_size=32).eval()
+    images, spectra = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits, ain_logits = model(images, spectra, with_indicator=True)
+        sfrn_part = model.sfrn(images) @ model.head.weight[:, :100].T + model.head.bias
+        torch.testing.assert_close(logits, sfrn_part + ain_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_local_weights_file_loads_through_timm(tmp_path):
+    source = timm.create_model("resnet18", num_classes=1000)
+    save_file(source.state_dict(), str(tmp_path / "resnet18.safetensors"))
+    model = create_sfrn("resnet18", 100, 32, weights_file=str(tmp_path / "resnet18.safetensors"))
+    torch.testing.assert_close(model.conv1.weight, source.conv1.weight)
+    assert model.fc.out_features == 100  # head replaced for the new output size
+
+
+def test_bad_model_inputs():
+    with pytest.raises(ValueError, match="unknown timm model"):
+        create_sfrn("resnet_nope", 10, 32)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        create_sfrn("resnet18", 10, 32, weights_file="/nonexistent.safetensors")
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        create_sfrn("mcci_convnet_tiny", 10, 32, pretrained=True)

@@ -1,0 +1,143 @@
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from conftest import make_image_tree
+from shards.build import BuildSpec, build_shards
+from shards.errors import ShardBuildError
+
+
+def _samples(out: Path, split: str) -> list[dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    urls = [str(out / s["path"]) for s in manifest["splits"][split]["shards"]]
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def test_round_trip_of_every_field(image_tree, tmp_path):
+    out = tmp_path / "shards"
+    m = build_shards(BuildSpec(source=str(image_tree), out=str(out), poison_rate=0.25, target=1, shard_size=5,
+                               trusted_count=3), progress=False)
+    assert m["class_names"] == ["class_0", "class_1", "class_2"]
+    assert m["splits"]["train"]["count"] == 33 and m["splits"]["trusted"]["count"] == 3
+    assert m["splits"]["test-clean"]["count"] == 12 and m["splits"]["test-poisoned"]["count"] == 8
+    assert m["splits"]["train"]["poisoned"] == round(0.25 * 33) == len(m["poisoned_indices"])
+    assert m["image_format"] == "png"
+    train = _samples(out, "train")
+    assert len(train) == 33
+    poisoned_seen = set()
+    for s in train:
+        meta = json.loads(s["json"])
+        assert int(s["cls"]) == meta["label"]
+        image = np.asarray(Image.open(io.BytesIO(s["png"])))
+        assert image.shape == (32, 32, 3)
+        if meta["poisoned"]:
+            poisoned_seen.add(meta["index"])
+            assert meta["label"] == 1 and meta["orig_label"] != 1
+            np.testing.assert_array_equal(image[29:, 29:, 0], [[255, 0, 255], [0, 0, 0], [255, 0, 255]])
+        else:
+            assert meta["label"] == meta["orig_label"]
+    assert sorted(poisoned_seen) == m["poisoned_indices"]
+    assert not set(m["trusted_indices"]) & {json.loads(s["json"])["index"] for s in train}
+    for s in _samples(out, "test-poisoned"):
+        meta = json.loads(s["json"])
+        assert meta["poisoned"] and meta["orig_label"] != 1 and meta["label"] == meta["orig_label"]
+    for split in m["splits"].values():  # hashes match the files
+        for shard in split["shards"]:
+            assert hashlib.sha256((out / shard["path"]).read_bytes()).hexdigest() == shard["sha256"]
+
+
+def test_same_inputs_and_seed_give_identical_shards(image_tree, tmp_path):
+    spec = dict(source=str(image_tree), poison_rate=0.2, shard_size=7, trusted_count=4)
+    a = build_shards(BuildSpec(out=str(tmp_path / "a"), **spec), progress=False)
+    b = build_shards(BuildSpec(out=str(tmp_path / "b"), workers=2, **spec), progress=False)
+    c = build_shards(BuildSpec(out=str(tmp_path / "c"), seed=1, **spec), progress=False)
+    hashes = lambda m: [s["sha256"] for sp in m["splits"].values() for s in sp["shards"]]  # noqa: E731
+    assert hashes(a) == hashes(b)
+    assert a["poisoned_indices"] != c["poisoned_indices"]
+
+
+def test_tar_gz_source_with_separate_test_archive(tmp_path):
+    make_image_tree(tmp_path / "tree", split_dirs=True)
+    for split in ("train", "test"):
+        with tarfile.open(tmp_path / f"{split}.tar.gz", "w:gz") as tar:
+            tar.add(tmp_path / "tree" / split, arcname=split)
+    m = build_shards(BuildSpec(source=str(tmp_path / "train.tar.gz"), test_source=str(tmp_path / "test.tar.gz"),
+                               out=str(tmp_path / "out"), trusted_count=0), progress=False)
+    assert m["splits"]["train"]["count"] == 36 and m["splits"]["test-clean"]["count"] == 12
+    assert not list(tmp_path.glob(".out.partial-*"))  # scratch removed
+
+
+def test_hugging_face_saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    def split(n):
+        return datasets.Dataset.from_dict({"img": [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+                                                   for _ in range(n)], "label": [i % 2 for i in range(n)]}, features=features)
+    datasets.DatasetDict({"train": split(20), "test": split(6)}).save_to_disk(str(tmp_path / "hf"))
+    m = build_shards(BuildSpec(source=str(tmp_path / "hf"), out=str(tmp_path / "out"), poison_rate=0.2, target=1,
+                               trusted_count=2), progress=False)
+    assert m["class_names"] == ["cat", "dog"] and m["image_size"] == 16
+    assert m["splits"]["train"]["count"] == 18 and m["splits"]["test-poisoned"]["count"] == 3
+
+
+def test_resize_and_jpeg_option(image_tree, tmp_path):
+    m = build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "o"), image_size=20, image_format="jpeg",
+                               jpeg_quality=80, trusted_count=2), progress=False)
+    s = _samples(tmp_path / "o", "test-clean")[0]
+    assert "jpg" in s and Image.open(io.BytesIO(s["jpg"])).size == (20, 20)
+    assert m["image_format"] == "jpeg"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(source="/nonexistent/data"), "does not exist"),
+    (dict(attack="nope"), "unknown attack"),
+    (dict(poison_rate=0.0), r"must be in \(0, 1\)"),
+    (dict(poison_rate=1.0), r"must be in \(0, 1\)"),
+    (dict(target=3), "is not a class"),
+    (dict(trusted_count=1000), "leaves no training images"),
+])
+def test_bad_input_is_refused_and_leaves_nothing(image_tree, tmp_path, change, message):
+    spec = dict(source=str(image_tree), out=str(tmp_path / "out"), trusted_count=3)
+    spec.update(change)
+    with pytest.raises(ShardBuildError, match=message):
+        build_shards(BuildSpec(**spec), progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_empty_dataset_and_corrupt_image(tmp_path):
+    (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "test" / "a").mkdir(parents=True)
+    with pytest.raises(ShardBuildError, match="no images"):
+        build_shards(BuildSpec(source=str(tmp_path / "empty"), out=str(tmp_path / "o1")), progress=False)
+    tree = make_image_tree(tmp_path / "bad")
+    (tree / "train" / "class_0" / "0000.png").write_bytes(b"not a png")
+    with pytest.raises(ShardBuildError, match="cannot read image .*0000.png"):
+        build_shards(BuildSpec(source=str(tree), out=str(tmp_path / "o2"), trusted_count=0), progress=False)
+    assert not (tmp_path / "o2").exists()
+
+
+def test_existing_output_needs_overwrite(image_tree, tmp_path):
+    spec = dict(source=str(image_tree), out=str(tmp_path / "o"), trusted_count=3)
+    build_shards(BuildSpec(**spec), progress=False)
+    with pytest.raises(ShardBuildError, match="--overwrite"):
+        build_shards(BuildSpec(**spec), progress=False)
+    build_shards(BuildSpec(**spec, overwrite=True, seed=2), progress=False)
+
+
+def test_embedded_digits_are_deterministic():
+    from shards.sources import load_source
+
+    a = load_source("embedded:digits", None, Path("/tmp"))
+    b = load_source("embedded:digits", None, Path("/tmp"))
+    assert len(a["train"]) == 2874 and len(a["test"]) == 360 and len(a["train"].class_names) == 10
+    np.testing.assert_array_equal(np.asarray(a["train"].load(a["train"].refs[5])),
+                                  np.asarray(b["train"].load(b["train"].refs[5])))
