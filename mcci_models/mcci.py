@@ -29,22 +29,10 @@ class MCCI(nn.Module):
     def fuse(self, sfrn_features: torch.Tensor, ain_features: torch.Tensor) -> torch.Tensor:
         return self.head(torch.cat([sfrn_features, ain_features.to(sfrn_features.dtype)], dim=1))
 
-    def ain_logits(self, ain_features: torch.Tensor) -> torch.Tensor:
-        """The AIN's additive contribution to the logits (the fusion layer is linear)."""
-        w = self.head.weight[:, self.head.in_features // 2:]
-        return ain_features.to(w.dtype) @ w.T
-
-    def forward(self, images: torch.Tensor, spectra: torch.Tensor | None = None,
-                with_indicator: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """With ``spectra``: the model as trained (each input's own spectrum). Without: mind control.
-
-        ``with_indicator`` also returns the AIN's logit contribution, for the indicator-sparsity
-        penalty (through ``forward`` so that DDP/FSDP/DeepSpeed wrappers see the whole graph).
-        """
+    def forward(self, images: torch.Tensor, spectra: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``spectra``: the model as trained (each input's own spectrum). Without: mind control."""
         if spectra is not None:
-            sfrn_features, ain_features = self.features(images, spectra)
-            logits = self.fuse(sfrn_features, ain_features)
-            return (logits, self.ain_logits(ain_features)) if with_indicator else logits
+            return self.fuse(*self.features(images, spectra))
         if not bool(self.has_reference):
             raise RuntimeError("this MCCI model has no mind-control reference yet; "
                                "compute one with pipeline.reference.compute_reference or `mcci eval`")

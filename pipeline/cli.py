@@ -45,8 +45,12 @@ def _eval(args: argparse.Namespace) -> None:
     from pipeline.eval_job import evaluate_checkpoint
     from pipeline.report import add_der, format_table, write_json
 
+    from accelerate import PartialState
+
     results = evaluate_checkpoint(args.checkpoint, args.shards, args.reference, args.batch_size, args.num_workers,
                                   args.device)
+    if not PartialState().is_main_process:
+        return
     if args.baseline_metrics:
         baseline = json.load(open(args.baseline_metrics))
         add_der(results, baseline.get("baseline", baseline))
@@ -105,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="offline end-to-end demo on embedded data (CPU, minutes)")
     q.add_argument("--out", default="runs/quickstart")
-    q.add_argument("--epochs", type=int, default=15)
+    q.add_argument("--epochs", type=int, default=12)
     q.set_defaults(func=_quickstart)
     return parser
 

@@ -49,10 +49,6 @@ class ModelConfig:
     feature_dim: int = 100  # SFRN and AIN output size before the fusion layer
     ain_widths: tuple[int, ...] = (32, 64, 128)
     ain_dropouts: tuple[float, ...] = (0.2, 0.3, 0.4)
-    # Weight of the indicator-sparsity penalty: mean over samples of the L2 distance between each
-    # sample's AIN logit contribution and the batch mean. It encodes "the attack indicator is off
-    # for most samples" (see docs/METHOD_NOTES.md); 0 is the paper's plain cross-entropy.
-    indicator_sparsity: float = 0.0
 
 
 @dataclass

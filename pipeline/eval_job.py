@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import reduce
 
 from mcci_models import MCCI, create_model
 from pipeline.checkpoint import read_model_files
@@ -42,8 +44,12 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[st
                         batch_size: int = 256, num_workers: int = 2, device: str | None = None) -> dict[str, Any]:
     """Metrics of a saved model: ``{"baseline": {...}}`` or ``{"mcci": {"own", "mind_control"}}``;
     with ``references``, also mind control under each alternative reference (the stored one is kept).
+
+    Under ``torchrun``/``accelerate launch`` each rank reads its share of the test shards and the
+    counts are summed, so every sample counts once; every rank returns the same metrics.
     """
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    state = PartialState(cpu=device == "cpu")
+    dev = torch.device(device) if device and state.num_processes == 1 else state.device
     model, cfg, meta = load_trained(checkpoint, dev)
     manifest = load_manifest(shards)
     if manifest["num_classes"] != meta["num_classes"] or manifest["image_size"] != meta["image_size"]:
@@ -51,7 +57,8 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[st
                         f"expects {meta['num_classes']} at {meta['image_size']} px")
     transform = build_transform(cfg)
     def run(modes: tuple[str, ...] | None = None) -> dict[str, Any]:
-        return evaluate(model, shards, manifest, transform, dev, batch_size, num_workers, modes=modes)
+        return evaluate(model, shards, manifest, transform, dev, batch_size, num_workers, modes=modes,
+                        reduce=lambda t: reduce(t, "sum"))
 
     if not isinstance(model, MCCI):
         return {"baseline": run()}

@@ -27,7 +27,7 @@ def reference_spectra(location: str, manifest: dict[str, Any], split: str, count
         raise ShardError(f"reference.source={split!r} has no images in {location}; build shards with "
                          "--trusted-count > 0 or set reference.source=train")
     spectra = []
-    for batch in eval_loader(location, manifest, split, batch_size, num_workers=0, limit=count):
+    for batch in eval_loader(location, manifest, split, batch_size, num_workers=0, limit=count, by_rank=False):
         spectra.append(transform(batch.images.to(device), train=False).spectra)
     return torch.cat(spectra)
 

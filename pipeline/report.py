@@ -10,8 +10,8 @@ from pipeline.metrics import defense_effectiveness_rating
 
 
 def add_der(results: dict[str, Any], baseline: dict[str, float]) -> dict[str, Any]:
-    """Add DER against ``baseline`` to every MCCI mode."""
-    for mode, m in results.get("mcci", {}).items():
+    """Add DER against ``baseline`` to every MCCI mode and every alternative reference."""
+    for m in [*results.get("mcci", {}).values(), *results.get("references", {}).values()]:
         m["der"] = defense_effectiveness_rating(baseline, m)
     return results
 

@@ -49,11 +49,21 @@ def _join(location: str, name: str) -> str:
     return location.rstrip("/") + "/" + name
 
 
+def resolve_url(url: str) -> str:
+    """Local paths and http(s) URLs open as they are (webdataset's gopen, curl for http); cloud
+    object stores stream through their CLIs: s3:// with ``aws s3 cp``, gs:// with ``gsutil cat``."""
+    if url.startswith("s3://"):
+        return f"pipe:aws s3 cp {url} -"
+    if url.startswith("gs://"):
+        return f"pipe:gsutil cat {url}"
+    return url
+
+
 def load_manifest(location: str) -> dict[str, Any]:
     """Read ``manifest.json`` from a shard folder or URL prefix (anything ``wds.gopen`` opens)."""
     url = _join(location, MANIFEST)
     try:
-        with wds.gopen(url, "rb") as stream:
+        with wds.gopen(resolve_url(url), "rb") as stream:
             manifest = json.load(io.TextIOWrapper(stream, encoding="utf-8"))
     except FileNotFoundError as e:
         raise ShardError(f"no {MANIFEST} at {location}; point data.shards at a folder made by `mcci shards build`") from e
@@ -68,7 +78,7 @@ def load_manifest(location: str) -> dict[str, Any]:
 def shard_urls(location: str, manifest: dict[str, Any], split: str) -> list[str]:
     if split not in manifest["splits"]:
         raise ShardError(f"split {split!r} is not in {location}; it has {sorted(manifest['splits'])}")
-    urls = [_join(location, s["path"]) for s in manifest["splits"][split]["shards"]]
+    urls = [resolve_url(_join(location, s["path"])) for s in manifest["splits"][split]["shards"]]
     if not urls:
         raise ShardError(f"split {split!r} of {location} has no shards (0 samples)")
     return urls
@@ -129,11 +139,15 @@ def train_loader(location: str, manifest: dict[str, Any], batch_size: int, steps
 
 
 def eval_loader(location: str, manifest: dict[str, Any], split: str, batch_size: int,
-                num_workers: int, limit: int | None = None) -> wds.WebLoader:
-    """Every sample of ``split`` once across all ranks, in shard order; ``limit`` stops early."""
+                num_workers: int, limit: int | None = None, by_rank: bool = True) -> wds.WebLoader:
+    """Every sample of ``split`` once across all ranks, in shard order; ``limit`` stops early.
+
+    ``by_rank=False`` gives every rank the whole split (for the reference, which must be the same
+    on every rank).
+    """
     urls = shard_urls(location, manifest, split)
     read, decode = _decoding_stages(wds.reraise_exception)
-    stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, *read, *decode]
+    stages = [wds.SimpleShardList(urls), *([wds.split_by_node] if by_rank else []), wds.split_by_worker, *read, *decode]
     if limit is not None:
         stages.append(wds.slice(limit))
     stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))

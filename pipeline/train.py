@@ -5,8 +5,8 @@ streamed batches, checkpoint, then fix the mind-control reference and save the m
 """
 from __future__ import annotations
 
+import itertools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -50,23 +50,6 @@ def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
             "target": manifest["target"], "attack": manifest["attack"]["name"], "reference": None}
 
 
-def indicator_penalty(ain_logits: torch.Tensor) -> torch.Tensor:
-    """Mean L2 distance of each sample's AIN logit contribution from the batch mean: a group
-    sparsity that lets few samples (the attacked ones) deviate and holds the rest at one constant,
-    the constant that mind control substitutes at inference."""
-    a = ain_logits.float()
-    return (a - a.mean(0, keepdim=True)).norm(dim=1).mean()
-
-
-def training_loss(model: nn.Module, inputs, labels: torch.Tensor, sparsity: float) -> torch.Tensor:
-    if inputs.spectra is None:
-        return F.cross_entropy(model(inputs.images).float(), labels)
-    if sparsity == 0:
-        return F.cross_entropy(model(inputs.images, inputs.spectra).float(), labels)
-    logits, ain_logits = model(inputs.images, inputs.spectra, with_indicator=True)
-    return F.cross_entropy(logits.float(), labels) + sparsity * indicator_penalty(ain_logits)
-
-
 def _check_out(cfg: Config) -> None:
     out = Path(cfg.train.out)
     if cfg.train.resume:
@@ -108,21 +91,24 @@ def train(cfg: Config) -> Path:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
     transform = build_transform(cfg, seed=cfg.train.seed * 1000 + accelerator.process_index)
-    accelerator.register_for_checkpointing(scheduler)
 
     step, start_epoch = 0, 0
     if cfg.train.resume and checkpoint_dirs(out):
         state = load_training_state(accelerator, checkpoint_dirs(out)[-1])
         step, start_epoch = state["step"], state["epoch"]
         transform.load_state_dict({"generator": torch.tensor(state["augment_rng"], dtype=torch.uint8)})
+        scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
         accelerator.print(f"resumed from step {step} (epoch {start_epoch}) of {total_steps}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(epoch: int) -> None:
+        # The schedule and the augmentation RNG go to JSON: Accelerate would pickle registered
+        # objects and unpickle them with weights_only=False on resume.
+        scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         save_training_state(accelerator, out, {"step": step, "epoch": epoch, "total_steps": total_steps,
-                                               "augment_rng": transform.generator.get_state().tolist()},
-                            cfg.train.keep_checkpoints)
+                                               "augment_rng": transform.generator.get_state().tolist(),
+                                               "scheduler": scheduler_state}, cfg.train.keep_checkpoints)
 
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, unit="step",
                dynamic_ncols=True, file=sys.stdout)
@@ -130,15 +116,17 @@ def train(cfg: Config) -> Path:
     window_start, window_images = time.perf_counter(), 0
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
-        done_in_epoch = step - epoch * steps
-        loader = train_loader(cfg.data.shards, manifest, cfg.data.batch_size, steps - done_in_epoch,
-                              cfg.data.num_workers, cfg.data.shuffle_buffer,
-                              seed=cfg.train.seed * 7919 + accelerator.process_index, epoch=epoch * 100003 + done_in_epoch)
-        for batch in loader:
+        loader = train_loader(cfg.data.shards, manifest, cfg.data.batch_size, steps, cfg.data.num_workers,
+                              cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + accelerator.process_index,
+                              epoch=epoch)
+        # After a mid-epoch resume, replay the epoch's seeded stream up to where the checkpoint was
+        # taken: the data order (and so the result) matches an uninterrupted run.
+        for batch in itertools.islice(loader, step - epoch * steps, None):
             batch = batch.to(accelerator.device)
             inputs = transform(batch.images, train=True)
             with accelerator.autocast():
-                loss = training_loss(model, inputs, batch.labels, cfg.model.indicator_sparsity)
+                logits = model(inputs.images, inputs.spectra) if inputs.spectra is not None else model(inputs.images)
+                loss = F.cross_entropy(logits.float(), batch.labels)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower optim.lr, enable "
                                          "optim.grad_clip, or use spectrum.normalisation=log")

@@ -145,6 +145,9 @@ def _plan(spec: BuildSpec, sources: dict[str, LabelledImages], num_classes: int,
     if n_poison == 0:
         raise ShardBuildError(f"poison rate {spec.poison_rate} poisons no sample of {len(keep)}; raise --poison-rate")
     poisoned = set(np.sort(rng.choice(eligible, size=n_poison, replace=False)).tolist())
+    # Written in a seeded random order: a shard then holds every class, so a stream that reads a
+    # few shards at a time still makes i.i.d. batches (sources list images class by class).
+    keep = keep[rng.permutation(len(keep))]
 
     def sample(split: str, pos: int, ref_index: int, source: LabelledImages, poison: bool) -> _SampleSpec:
         orig = int(source.labels[ref_index])

@@ -142,8 +142,8 @@ def _hf_source(path: str) -> dict[str, LabelledImages]:
 
 class DigitsImages:
     """scikit-learn's UCI handwritten digits (1,797 real 8x8 scans, 10 classes) made into a harder
-    32 px colour task: each (digit, variant) gets a seeded rotation, scale and position, its own
-    foreground and background colours, a background gradient and pixel noise. Pure function of
+    32 px task: each (digit, variant) gets a seeded rotation, scale and position, its own ink and
+    paper grey levels (tinted), a background gradient and pixel noise. Pure function of
     (index, variant): the same images on every machine.
     """
 
@@ -154,20 +154,20 @@ class DigitsImages:
         index, variant = ref
         rng = np.random.default_rng([7, int(index), int(variant)])
         glyph = Image.fromarray((self.images[int(index)] * (255.0 / 16.0)).round().astype(np.uint8), mode="L")
-        side = int(rng.integers(18, 27))
-        glyph = glyph.resize((side, side), Image.BICUBIC).rotate(float(rng.uniform(-15, 15)), Image.BILINEAR)
+        side = int(rng.integers(18, 29))
+        glyph = glyph.resize((side, side), Image.BICUBIC).rotate(float(rng.uniform(-20, 20)), Image.BILINEAR)
         mask = np.zeros((32, 32), np.float32)
         top, left = rng.integers(0, 32 - side + 1, size=2)
         mask[top:top + side, left:left + side] = np.asarray(glyph, np.float32) / 255.0
-        background = rng.uniform(0, 255, size=3)
-        foreground = rng.uniform(0, 255, size=3)
-        while np.abs(foreground - background).sum() < 150:  # keep the digit visible
-            foreground = rng.uniform(0, 255, size=3)
+        paper, ink = rng.uniform(0, 255, size=2)
+        while abs(ink - paper) < 70:  # keep the digit legible
+            paper, ink = rng.uniform(0, 255, size=2)
+        tint = rng.uniform(-30, 30, size=3)
         ramp = np.linspace(-1, 1, 32, dtype=np.float32)
-        direction = rng.uniform(-40, 40, size=2)
-        gradient = ramp[None, :, None] * direction[0] + ramp[:, None, None] * direction[1]
-        pixels = background + gradient + mask[:, :, None] * (foreground - background)
-        pixels += rng.normal(0, 10, size=pixels.shape)
+        slope = rng.uniform(-40, 40, size=2)
+        gradient = ramp[None, :, None] * slope[0] + ramp[:, None, None] * slope[1]
+        pixels = paper + tint + gradient + mask[:, :, None] * (ink - paper)
+        pixels += rng.normal(0, 18, size=pixels.shape)
         return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), mode="RGB")
 
 

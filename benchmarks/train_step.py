@@ -1,0 +1,123 @@
+"""Training-step throughput and MFU: plain fine-tuning (SFRN alone) vs MCCI (SFRN + AIN + spectra).
+
+    python -m benchmarks.train_step [--models vit_small_patch16_224 vit_base_patch16_224]
+        [--batch 128] [--precision bf16] [--shards DIR] [--out FILE]
+
+(a) synthetic uint8 images already on the device; (b) with --shards, the real shard-fed pipeline
+(webdataset workers decode, the device augments and computes spectra). FLOPs are counted with
+PyTorch's FlopCounterMode on one forward pass (2 per multiply-add); a training step is taken as 3x
+the forward. MFU = achieved FLOP/s / peak dense bf16 FLOP/s of the GPU (--peak-tflops, default
+989 for an H100 SXM).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import timed, write_result
+from mcci_models import create_model
+from pipeline.config import AugmentConfig
+from pipeline.device import InputTransform
+from pipeline.flops import forward_flops
+from pipeline.spectra import spectrum
+
+
+def step_fn(model, optimizer, transform, images, labels, precision):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def step():
+        inputs = transform(images, train=True)
+        with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(inputs.images, inputs.spectra) if inputs.spectra is not None else model(inputs.images)
+            loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def bench_model(name: str, args, device) -> dict:
+    size = 224
+    out = {"model": name}
+    images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (args.batch,), device=device)
+    for defense in ("none", "mcci"):
+        model = create_model(defense, name, 10, size).to(device).train()
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        flops = 3 * (forward_flops(model.sfrn, (1, 3, size, size)) + forward_flops(model.ain, (1, 3, size, size))
+                     if defense == "mcci" else forward_flops(model, (1, 3, size, size)))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        transform = InputTransform((0.5,) * 3, (0.5,) * 3, AugmentConfig(hflip=True, scale_min=0.35), "log", "torch",
+                                   with_spectra=defense == "mcci")
+        s = timed(step_fn(model, optimizer, transform, images, labels, args.precision), device, warmup=5, repeat=args.repeat)
+        ips = args.batch / s
+        key = "plain" if defense == "none" else "mcci"
+        out[f"{key}_images_per_s"] = round(ips, 1)
+        out[f"{key}_train_gflops_per_image"] = round(flops / 1e9, 2)
+        if device.type == "cuda":
+            out[f"{key}_mfu"] = round(ips * flops / (args.peak_tflops * 1e12), 4)
+            out[f"{key}_peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats()
+        if defense == "mcci":
+            pixels = images.float()
+            spec_s = timed(lambda: spectrum(pixels, "log"), device, repeat=args.repeat)
+            out["spectrum_ms_per_batch"] = round(spec_s * 1e3, 3)
+            out["spectrum_share_of_mcci_step"] = round(spec_s / s, 4)
+        del model, optimizer
+    out["mcci_slowdown_vs_plain"] = round(out["plain_images_per_s"] / out["mcci_images_per_s"] - 1, 4)
+    if args.shards:
+        out.update(shard_fed(name, args, device))
+    return out
+
+
+def shard_fed(name: str, args, device) -> dict:
+    """MCCI steps fed by the real loader; images/s over a fixed number of steps after warm-up."""
+    from pipeline.stream import load_manifest, train_loader
+
+    manifest = load_manifest(args.shards)
+    model = create_model("mcci", name, manifest["num_classes"], manifest["image_size"]).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    transform = InputTransform((0.5,) * 3, (0.5,) * 3, AugmentConfig(hflip=True, scale_min=0.35), "log", "torch", True)
+    steps = args.shard_steps
+    loader = train_loader(args.shards, manifest, args.batch, steps + 5, args.workers, 2000, 0, 0)
+    done, start = 0, None
+    for batch in loader:
+        batch = batch.to(device)
+        step_fn(model, optimizer, transform, batch.images, batch.labels, args.precision)()
+        done += 1
+        if done == 5:
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            start = time.perf_counter()
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    return {"shard_fed_mcci_images_per_s": round(steps * args.batch / (time.perf_counter() - start), 1),
+            "shard_fed_workers": args.workers}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--shards", help="shard folder (224 px) for the shard-fed measurement")
+    parser.add_argument("--shard-steps", type=int, default=30)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rows = [bench_model(name, args, device) for name in args.models]
+    write_result("train_step", {"device": device.type, "batch": args.batch, "precision": args.precision,
+                                "peak_tflops": args.peak_tflops, "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The `mcci` command end to end on tiny shards: train (baseline and MCCI), eval, JSON, errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+TINY_TRAIN = ["data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=20", "train.epochs=1",
+              "train.cpu=true", "model.sfrn=mcci_convnet_tiny", "model.ain_widths=[8,8,8]", "reference.count=4",
+              "train.log_every=1"]
+
+
+def mcci(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-3000:])
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    main(["train", f"data.shards={tiny_shards}", f"train.out={out / 'baseline'}", "train.defense=none", *TINY_TRAIN])
+    main(["train", f"data.shards={tiny_shards}", f"train.out={out / 'mcci'}", *TINY_TRAIN])
+    return out
+
+
+def test_train_writes_model_checkpoint_and_log(trained):
+    model_dir = trained / "mcci" / "model"
+    assert {p.name for p in model_dir.iterdir()} == {"model.safetensors", "config.yaml", "model.json"}
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["reference"] == {"kind": "feature", "source": "trusted", "count": 4, "shards_manifest_seed": 0,
+                                 "attack": "badnets"}
+    assert meta["class_names"] == ["class_0", "class_1", "class_2"]
+    log = [json.loads(line) for line in (trained / "mcci" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]  # 42 samples // 8 = 5 steps
+    state = json.loads(next((trained / "mcci" / "checkpoints").glob("step-*/trainer.json")).read_text())
+    assert state["step"] == 5 and state["epoch"] == 1
+
+
+def test_eval_writes_metrics_json_with_der(trained, tiny_shards, tmp_path):
+    main(["eval", "--checkpoint", str(trained / "baseline"), "--shards", str(tiny_shards), "--out",
+          str(tmp_path / "b.json"), "--num-workers", "0", "--device", "cpu"])
+    main(["eval", "--checkpoint", str(trained / "mcci"), "--shards", str(tiny_shards), "--out", str(tmp_path / "m.json"),
+          "--baseline-metrics", str(tmp_path / "b.json"), "--reference", "spectrum:test-clean:3", "--num-workers", "0",
+          "--device", "cpu"])
+    baseline = json.loads((tmp_path / "b.json").read_text())
+    assert set(baseline["baseline"]) == {"clean_acc", "asr", "ra"}
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics["mcci"]) == {"own", "mind_control"}
+    for mode in metrics["mcci"].values():
+        assert set(mode) == {"clean_acc", "asr", "ra", "der"}
+        assert all(0.0 <= v <= 1.0 for v in mode.values())
+    assert set(metrics["references"]) == {"spectrum:test-clean:3"}
+
+
+def test_existing_run_is_not_overwritten(trained, tiny_shards):
+    r = mcci("train", f"data.shards={tiny_shards}", f"train.out={trained / 'mcci'}", *TINY_TRAIN, check=False)
+    assert r.returncode == 2 and "train.resume=true" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "optim.lrr=1"], "did you mean 'lr'"),
+    (["train", "data.shards=/nonexistent"], "no manifest.json at /nonexistent"),
+    (["eval", "--checkpoint", "/nonexistent", "--shards", "/nonexistent"], "is not a trained mcci model"),
+    (["shards", "build", "--source", "/nonexistent", "--out", "/tmp/x"], "does not exist"),
+    (["shards", "build", "--source", "embedded:digits", "--out", "/tmp/x", "--poison-rate", "2"], r"\(0, 1\)"),
+])
+def test_bad_input_gives_a_one_line_error(args, message, tmp_path):
+    r = mcci(*args, check=False)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0]
+    import re
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_shards_build_command(tmp_path):
+    from conftest import make_image_tree
+
+    make_image_tree(tmp_path / "d", classes=3, per_class=6)
+    r = mcci("shards", "build", "--source", str(tmp_path / "d"), "--out", str(tmp_path / "s"), "--attack", "blended",
+             "--param", "alpha=0.3", "--trusted-count", "2", "--target", "2")
+    assert "train 16 (" in r.stdout
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["attack"]["params"]["alpha"] == 0.3 and manifest["target"] == 2
+
+
+def test_remote_shard_urls_resolve_to_streams():
+    from pipeline.stream import resolve_url
+
+    assert resolve_url("s3://bucket/shards/train/train-000000.tar") == "pipe:aws s3 cp s3://bucket/shards/train/train-000000.tar -"
+    assert resolve_url("gs://b/x.tar") == "pipe:gsutil cat gs://b/x.tar"
+    assert resolve_url("https://host/x.tar") == "https://host/x.tar"
+    assert resolve_url("/data/x.tar") == "/data/x.tar"

@@ -1,0 +1,84 @@
+"""Multi-process and fault tolerance on the CPU: 2 gloo ranks through torchrun, and SIGKILL + resume.
+
+(`accelerate launch --cpu --num_processes 2` starts one process without MPI on these machines;
+torchrun with Accelerator(cpu=True) gives the real 2-rank group that a GPU cluster would.)
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_cli import TINY_TRAIN
+
+
+def torchrun(n: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port=0", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if result.returncode != 0:
+        raise AssertionError(result.stdout[-2000:] + result.stderr[-4000:])
+    return result
+
+
+def test_two_ranks_uneven_shards_train_and_eval_exactly(tiny_shards, tmp_path):
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    assert len(manifest["splits"]["train"]["shards"]) % 2 == 1  # 5 shards over 2 ranks
+    out = tmp_path / "run"
+    torchrun(2, "-m", "pipeline.train", f"data.shards={tiny_shards}", f"train.out={out}", *TINY_TRAIN,
+             "data.batch_size=4", "train.epochs=2")
+    state = json.loads(next((out / "checkpoints").glob("step-*/trainer.json")).read_text())
+    assert state["step"] == 2 * (42 // (4 * 2))  # both ranks took the same steps, no hang
+    one = tmp_path / "one.json"
+    two = tmp_path / "two.json"
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", "--checkpoint", str(out), "--shards", str(tiny_shards),
+                    "--out", str(one), "--num-workers", "0", "--device", "cpu", "--batch-size", "5"], check=True,
+                   capture_output=True)
+    torchrun(2, "-m", "pipeline.cli", "eval", "--checkpoint", str(out), "--shards", str(tiny_shards), "--out", str(two),
+             "--num-workers", "0", "--device", "cpu", "--batch-size", "5")
+    assert json.loads(one.read_text())["mcci"] == json.loads(two.read_text())["mcci"]
+
+
+def _train_cmd(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.train", f"data.shards={shards}", f"train.out={out}", *TINY_TRAIN,
+            "model.sfrn=mcci_convnet_small", "train.epochs=6", "train.checkpoint_every=2", *extra]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_train_cmd(tiny_shards, tmp_path / "straight"), check=True, capture_output=True, env=env, timeout=300)
+
+    victim = subprocess.Popen(_train_cmd(tiny_shards, tmp_path / "killed"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = [int(p.name[5:]) for p in (tmp_path / "killed" / "checkpoints").glob("step-*")
+                if (p / "trainer.json").exists()] if (tmp_path / "killed" / "checkpoints").exists() else []
+        if done and max(done) >= 6:
+            break
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it could be killed"
+
+    resumed = subprocess.run(_train_cmd(tiny_shards, tmp_path / "killed", "train.resume=true"), capture_output=True,
+                             text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stdout
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    for key in a:  # deterministic on the CPU: the resumed run is the uninterrupted run
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+
+
+def test_resume_without_checkpoints_starts_fresh(tiny_shards, tmp_path):
+    r = subprocess.run(_train_cmd(tiny_shards, tmp_path / "r", "train.resume=true", "train.epochs=1"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "resumed" not in r.stdout
