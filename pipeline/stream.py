@@ -133,8 +133,11 @@ def train_loader(location: str, manifest: dict[str, Any], batch_size: int, steps
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
     workers = min(num_workers, len(urls)) if num_workers else 0
+    # Its own generator: a DataLoader otherwise draws its base seed from the global RNG, and a
+    # resumed run, which creates the loader at another point, would get other dropout masks.
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=False,
-                           pin_memory=torch.cuda.is_available())
+                           pin_memory=torch.cuda.is_available(),
+                           generator=torch.Generator().manual_seed(make_seed(seed, epoch)))
     return loader.with_epoch(steps)
 
 
@@ -153,7 +156,7 @@ def eval_loader(location: str, manifest: dict[str, Any], split: str, batch_size:
     stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
     workers = min(num_workers, len(urls)) if limit is None else 0
     return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers,
-                         pin_memory=torch.cuda.is_available())
+                         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
 
 
 def steps_per_epoch(manifest: dict[str, Any], batch_size: int, world_size: int) -> int:

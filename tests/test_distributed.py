@@ -19,7 +19,7 @@ from test_cli import TINY_TRAIN
 
 
 def torchrun(n: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_port=0", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
@@ -33,7 +33,7 @@ def test_two_ranks_uneven_shards_train_and_eval_exactly(tiny_shards, tmp_path):
     out = tmp_path / "run"
     torchrun(2, "-m", "pipeline.train", f"data.shards={tiny_shards}", f"train.out={out}", *TINY_TRAIN,
              "data.batch_size=4", "train.epochs=2")
-    state = json.loads(next((out / "checkpoints").glob("step-*/trainer.json")).read_text())
+    state = json.loads(sorted((out / "checkpoints").glob("step-*/trainer.json"))[-1].read_text())
     assert state["step"] == 2 * (42 // (4 * 2))  # both ranks took the same steps, no hang
     one = tmp_path / "one.json"
     two = tmp_path / "two.json"
