@@ -8,11 +8,11 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import reduce
 
-from mcci_models import MCCI, create_model
+from mcci_models import MCCI
 from pipeline.checkpoint import read_model_files
 from pipeline.evaluate import evaluate, set_model_reference
 from pipeline.stream import load_manifest
-from pipeline.train import build_transform
+from pipeline.train import build_model, build_transform
 
 REFERENCE_HELP = "KIND:SOURCE:COUNT, e.g. feature:trusted:100 or spectrum:test-clean:100 (COUNT 1 = one image)"
 
@@ -30,9 +30,7 @@ def parse_reference(text: str) -> tuple[str, str, int]:
 
 def load_trained(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     cfg, meta, weights = read_model_files(checkpoint)
-    model = create_model(meta["defense"], cfg.model.sfrn, meta["num_classes"], meta["image_size"],
-                         feature_dim=cfg.model.feature_dim, ain_widths=cfg.model.ain_widths,
-                         ain_dropouts=cfg.model.ain_dropouts)
+    model = build_model(cfg, meta["num_classes"], meta["image_size"], load_pretrained=False)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -32,10 +32,13 @@ from pipeline.stream import load_manifest, steps_per_epoch, train_loader
 TRAIN_LOG = "train_log.jsonl"
 
 
-def build_model(cfg: Config, manifest: dict[str, Any]) -> nn.Module:
+def build_model(cfg: Config, num_classes: int, image_size: int, load_pretrained: bool = True) -> nn.Module:
+    """The network the config describes; ``load_pretrained=False`` for one whose weights come from
+    a saved model (no hub download, no weights file)."""
     m = cfg.model
-    return create_model(cfg.train.defense, m.sfrn, manifest["num_classes"], manifest["image_size"],
-                        pretrained=m.pretrained, weights_file=m.weights_file, feature_dim=m.feature_dim,
+    return create_model(cfg.train.defense, m.sfrn, num_classes, image_size,
+                        pretrained=m.pretrained and load_pretrained,
+                        weights_file=m.weights_file if load_pretrained else None, feature_dim=m.feature_dim,
                         ain_widths=m.ain_widths, ain_dropouts=m.ain_dropouts)
 
 
@@ -82,7 +85,7 @@ def train(cfg: Config) -> Path:
     steps = steps_per_epoch(manifest, cfg.data.batch_size, accelerator.num_processes)
     total_steps = steps * cfg.train.epochs
 
-    model = build_model(cfg, manifest)
+    model = build_model(cfg, manifest["num_classes"], manifest["image_size"])
     if accelerator.is_main_process:
         _describe(model, manifest["image_size"], accelerator)
     optimizer = build_optimizer(model, cfg.optim)
@@ -163,7 +166,8 @@ def save_trained_model(accelerator: Accelerator, model: nn.Module, cfg: Config, 
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
     model_dir = Path(cfg.train.out) / MODEL_DIR
     if accelerator.is_main_process:
-        plain = create_model_like(cfg, manifest, state_dict)
+        plain = build_model(cfg, manifest["num_classes"], manifest["image_size"], load_pretrained=False)
+        plain.load_state_dict(state_dict)
         meta = model_meta(cfg, manifest)
         if isinstance(plain, MCCI):
             r = cfg.reference
@@ -173,15 +177,6 @@ def save_trained_model(accelerator: Accelerator, model: nn.Module, cfg: Config, 
         accelerator.print(f"saved {model_dir}")
     accelerator.wait_for_everyone()
     return model_dir
-
-
-def create_model_like(cfg: Config, manifest: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """A plain (unwrapped, unsharded) copy of the model holding ``state_dict`` (no weight download)."""
-    model = create_model(cfg.train.defense, cfg.model.sfrn, manifest["num_classes"], manifest["image_size"],
-                         feature_dim=cfg.model.feature_dim, ain_widths=cfg.model.ain_widths,
-                         ain_dropouts=cfg.model.ain_dropouts)
-    model.load_state_dict(state_dict)
-    return model
 
 
 def main(argv: list[str] | None = None) -> None:

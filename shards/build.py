@@ -127,7 +127,7 @@ def _write_shard(job: tuple[str, str, list[_SampleSpec]]) -> dict[str, Any]:
     return {"split": split, "path": path, "sha256": digest, "count": len(samples)}
 
 
-def _plan(spec: BuildSpec, sources: dict[str, LabelledImages], num_classes: int, attack) -> tuple[dict, dict]:
+def _plan(spec: BuildSpec, sources: dict[str, LabelledImages], attack) -> tuple[dict, dict]:
     """Choose trusted and poisoned samples and list every split's samples in order."""
     rng = np.random.default_rng(spec.seed)
     train, test = sources["train"], sources["test"]
@@ -190,7 +190,7 @@ def build_shards(spec: BuildSpec, progress: bool = True) -> dict[str, Any]:
         size = _image_size(spec, sources["train"])
         attack = build_attack(spec.attack, spec.attack_params, size, spec.seed)
         fmt = spec.image_format if spec.image_format != "auto" else ("png" if size <= LOSSLESS_MAX_SIDE else "jpeg")
-        plan, chosen = _plan(spec, sources, num_classes, attack)
+        plan, chosen = _plan(spec, sources, attack)
 
         jobs = []
         for split in SPLITS:

@@ -82,3 +82,20 @@ def test_resume_without_checkpoints_starts_fresh(tiny_shards, tmp_path):
     r = subprocess.run(_train_cmd(tiny_shards, tmp_path / "r", "train.resume=true", "train.epochs=1"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "resumed" not in r.stdout
+
+
+def test_deepspeed_zero2_through_accelerate_on_cpu(tiny_shards, tmp_path):
+    """One rank: on the CPU Accelerate's DeepSpeed path reports every torchrun rank as rank 0 of 1,
+    so several ranks need GPUs (see docs/SCALING.md)."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_DEEPSPEED": "true",
+           "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(root / "configs" / "deepspeed" / "zero2.json")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "pipeline.train",
+           f"data.shards={tiny_shards}", f"train.out={tmp_path / 'ds'}", *TINY_TRAIN, "data.batch_size=4",
+           "train.cpu=false"]  # Accelerator(cpu=True) would drop the DeepSpeed plugin
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "ds" / "checkpoints" / "step-00000010" / "pytorch_model").is_dir()  # DeepSpeed's own layout
+    assert (tmp_path / "ds" / "model" / "model.safetensors").is_file()
