@@ -29,7 +29,8 @@ def _shards_build(args: argparse.Namespace) -> None:
         source=args.source, test_source=args.test_source, out=args.out, attack=args.attack,
         poison_rate=args.poison_rate, target=args.target, seed=args.seed, image_size=args.image_size,
         attack_params=params, image_format=args.format, jpeg_quality=args.jpeg_quality,
-        shard_size=args.shard_size, trusted_count=args.trusted_count, workers=args.workers, overwrite=args.overwrite))
+        shard_size=args.shard_size, trusted_count=args.trusted_count, max_train=args.max_train,
+        workers=args.workers, overwrite=args.overwrite))
     counts = ", ".join(f"{k} {v['count']} ({v['poisoned']} poisoned)" for k, v in manifest["splits"].items())
     print(f"wrote {args.out}: {counts}")
 
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jpeg-quality", type=int, default=95)
     b.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     b.add_argument("--trusted-count", type=int, default=100, help="clean training images held out as the trusted set")
+    b.add_argument("--max-train", type=int, help="use a seeded random subset of N training images")
     b.add_argument("--workers", type=int, default=0, help="processes (0: automatic)")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=_shards_build)

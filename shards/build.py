@@ -53,6 +53,7 @@ class BuildSpec:
     jpeg_quality: int = 95
     shard_size: int = 1000
     trusted_count: int = 100
+    max_train: int | None = None  # a seeded random subset of this many training images
     workers: int = 0  # 0: choose from the machine and the data size
     overwrite: bool = False
 
@@ -80,6 +81,8 @@ def _validate(spec: BuildSpec) -> None:
         raise ShardBuildError(f"--image-size must be at least 8, got {spec.image_size}")
     if spec.trusted_count < 0:
         raise ShardBuildError(f"--trusted-count must be >= 0, got {spec.trusted_count}")
+    if spec.max_train is not None and spec.max_train < 1:
+        raise ShardBuildError(f"--max-train must be at least 1, got {spec.max_train}")
     out = Path(spec.out)
     if out.exists() and any(out.iterdir()) and not spec.overwrite:
         raise ShardBuildError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
@@ -131,11 +134,14 @@ def _plan(spec: BuildSpec, sources: dict[str, LabelledImages], attack) -> tuple[
     """Choose trusted and poisoned samples and list every split's samples in order."""
     rng = np.random.default_rng(spec.seed)
     train, test = sources["train"], sources["test"]
-    n = len(train)
+    pool = np.arange(len(train))
+    if spec.max_train is not None and spec.max_train < len(pool):
+        pool = np.sort(rng.choice(pool, size=spec.max_train, replace=False))
+    n = len(pool)
     if spec.trusted_count >= n:
         raise ShardBuildError(f"--trusted-count {spec.trusted_count} leaves no training images (train has {n})")
-    trusted = np.sort(rng.choice(n, size=spec.trusted_count, replace=False)) if spec.trusted_count else np.array([], int)
-    keep = np.setdiff1d(np.arange(n), trusted)
+    trusted = np.sort(rng.choice(pool, size=spec.trusted_count, replace=False)) if spec.trusted_count else np.array([], int)
+    keep = np.setdiff1d(pool, trusted)
     eligible = keep[train.labels[keep] == spec.target] if attack.clean_label else keep[train.labels[keep] != spec.target]
     n_poison = int(round(spec.poison_rate * len(keep)))
     if n_poison > len(eligible):

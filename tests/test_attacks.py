@@ -7,7 +7,7 @@ from shards.errors import ShardBuildError
 
 
 def test_registry_has_badnets_and_blended():
-    assert {"badnets", "blended"} <= set(ATTACKS)
+    assert {"badnets", "blended", "sig", "lf", "ftrojan"} <= set(ATTACKS)
 
 
 def test_badnets_reference_pattern_is_pixel_exact_at_32px():
@@ -64,3 +64,72 @@ def test_unknown_attack_and_parameter():
         build_attack("nope", {}, 32, 0)
     with pytest.raises(ShardBuildError, match="no parameter"):
         build_attack("badnets", {"colour": 1}, 32, 0)
+
+
+def test_sig_is_clean_label_and_adds_the_sinusoid():
+    attack = build_attack("sig", {}, 32, seed=0)
+    assert attack.clean_label
+    image = np.full((32, 32, 3), 128, np.uint8)
+    out = attack.apply(image, 0).astype(np.float64)
+    expected = 128 + np.rint(40 * np.sin(2 * np.pi * np.arange(32) * 6 / 32))
+    np.testing.assert_allclose(out[5, :, 1], expected, atol=1)  # rint of the sum vs of the term
+    assert np.all(out == out[0:1])  # the same on every row: a horizontal signal
+
+
+def test_clean_label_attack_changes_no_training_label(image_tree, tmp_path):
+    import json
+
+    from shards.build import BuildSpec, build_shards
+
+    m = build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "s"), attack="sig", poison_rate=0.2,
+                               target=1, trusted_count=0), progress=False)
+    assert m["attack"]["clean_label"] and m["splits"]["train"]["poisoned"] == 7
+    import webdataset as wds
+    urls = [str(tmp_path / "s" / s["path"]) for s in m["splits"]["train"]["shards"]]
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        meta = json.loads(sample["json"])
+        assert meta["label"] == meta["orig_label"]
+        if meta["poisoned"]:
+            assert meta["orig_label"] == 1  # only target-class images carry the signal
+
+
+def test_low_frequency_trigger_has_no_energy_above_its_cutoff():
+    import scipy.fft
+
+    from shards.attacks.low_frequency import low_frequency_mask
+
+    attack = build_attack("lf", {}, 32, seed=0)
+    image = np.full((32, 32, 3), 128, np.uint8)
+    delta = attack.apply(image, 0).astype(np.float64) - 128
+    assert np.abs(delta).max() == pytest.approx(16, abs=0.5)
+    spectrum = scipy.fft.dctn(delta, axes=(0, 1), norm="ortho")
+    high = ~low_frequency_mask(32, attack.cutoff)
+    # only the rounding to whole pixel values (|error| <= 0.5) leaks above the cut-off
+    assert (spectrum[high] ** 2).sum() <= 0.25 * 32 * 32 * 3
+    assert (spectrum[high] ** 2).sum() < 0.02 * (spectrum ** 2).sum()
+    unrounded = scipy.fft.dctn(attack.pattern, axes=(0, 1), norm="ortho")
+    assert np.abs(unrounded[high]).max() < 1e-9
+
+
+def test_ftrojan_changes_exactly_the_chosen_coefficients():
+    from shards.attacks.ftrojan import RGB_TO_YUV, block_dct
+
+    attack = build_attack("ftrojan", {}, 64, seed=0)
+    image = np.random.default_rng(0).integers(40, 216, (64, 64, 3)).astype(np.uint8)
+    before = image.astype(np.float64) @ RGB_TO_YUV.T
+    after = attack.apply(image, 0).astype(np.float64) @ RGB_TO_YUV.T
+    for ch in (1, 2):
+        diff = block_dct(after[:, :, ch], 32) - block_dct(before[:, :, ch], 32)
+        chosen = np.zeros((64, 64), bool)
+        for r, c in ((15, 15), (31, 31)):
+            chosen[r::32, c::32] = True
+        np.testing.assert_allclose(diff[chosen], 30, atol=1.5)  # 4 windows x 2 positions
+        # elsewhere only the rounding to uint8: noise of RMS ~0.25 spread over the basis
+        assert np.sqrt((diff[~chosen] ** 2).mean()) < 0.5 and np.abs(diff[~chosen]).max() < 4
+    luma = block_dct(after[:, :, 0], 32) - block_dct(before[:, :, 0], 32)
+    assert np.sqrt((luma ** 2).mean()) < 0.5
+
+
+def test_ftrojan_window_must_divide_the_image():
+    with pytest.raises(ShardBuildError, match="must divide"):
+        build_attack("ftrojan", {}, 48, 0)

@@ -7,13 +7,14 @@ from mcci_models import MCCI, create_model, create_sfrn
 from pipeline.spectra import spectrum
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name, size", [("mcci_convnet_tiny", 32), ("resnet18_cifar", 32),
                                         ("vit_tiny_patch16_224", 32), ("vit_tiny_patch16_224", 224)])
-def test_forward_under_bf16_autocast_is_finite(name, size):
+def test_forward_under_autocast_is_finite(name, size, dtype):
     torch.manual_seed(0)
     model = create_model("mcci", name, num_classes=10, img_size=size).eval()
     pixels = torch.randint(0, 256, (2, 3, size, size)).float()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         logits = model(pixels / 127.5 - 1, spectrum(pixels))
     assert logits.shape == (2, 10) and torch.isfinite(logits.float()).all()
 

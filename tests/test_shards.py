@@ -88,6 +88,14 @@ def test_hugging_face_saved_dataset(tmp_path):
     assert m["splits"]["train"]["count"] == 18 and m["splits"]["test-poisoned"]["count"] == 3
 
 
+def test_max_train_takes_a_seeded_subset(image_tree, tmp_path):
+    m = build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "o"), max_train=20, trusted_count=2,
+                               poison_rate=0.25), progress=False)
+    assert m["splits"]["train"]["count"] == 18 and m["splits"]["test-clean"]["count"] == 12
+    indices = {json.loads(s["json"])["index"] for s in _samples(tmp_path / "o", "train")} | set(m["trusted_indices"])
+    assert len(indices) == 20 and indices <= set(range(36))
+
+
 def test_resize_and_jpeg_option(image_tree, tmp_path):
     m = build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "o"), image_size=20, image_format="jpeg",
                                jpeg_quality=80, trusted_count=2), progress=False)

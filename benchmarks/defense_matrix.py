@@ -1,0 +1,70 @@
+"""The defense matrix: for each attack, the undefended baseline and MCCI on the same shards.
+
+    python -m benchmarks.defense_matrix --out runs/defense-matrix                  # embedded digits, CPU
+    python -m benchmarks.defense_matrix --source cifar10-train.tar.gz --test-source cifar10-test.tar.gz \\
+        --config configs/cifar10_resnet18.yaml --out runs/defense-matrix-cifar10 --attacks badnets blended sig lf ftrojan
+
+Writes ``<out>/defense_matrix.json`` and ``<out>/defense_matrix.md`` (CA / ASR / RA / DER per attack
+and mode). Each attack's experiment lives in ``<out>/<attack>/`` and resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from benchmarks.common import write_result
+from pipeline.experiment import run_experiment
+from pipeline.quickstart import QUICKSTART_OVERRIDES, QUICKSTART_SOURCE
+from shards.attacks import ATTACKS
+from shards.build import BuildSpec
+
+DIRTY_LABEL_RATE = 0.1
+CLEAN_LABEL_RATE = 0.08  # 80 % of the target class when it is a tenth of the data
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| attack | model | CA | ASR | RA | DER |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        for label, m in (("baseline", r["baseline"]), ("MCCI own spectrum", r["mcci"]["own"]),
+                         ("MCCI mind control", r["mcci"]["mind_control"])):
+            der = f"{m['der']:.3f}" if "der" in m else ""
+            lines.append(f"| {r['attack']} | {label} | {m['clean_acc']:.3f} | {m['asr']:.3f} | {m['ra']:.3f} | {der} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", default=QUICKSTART_SOURCE)
+    parser.add_argument("--test-source")
+    parser.add_argument("--attacks", nargs="+", default=sorted(ATTACKS))
+    parser.add_argument("--config", help="training config; default: the quickstart recipe")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--max-train", type=int, help="a seeded random subset of the training images")
+    parser.add_argument("--out", default="runs/defense-matrix")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="training overrides, e.g. train.mixed_precision=bf16")
+    args = parser.parse_args()
+    overrides = [*([] if args.config else QUICKSTART_OVERRIDES), f"train.epochs={args.epochs}", *args.overrides]
+    rows = []
+    for attack in args.attacks:
+        if attack not in ATTACKS:
+            parser.error(f"unknown attack {attack!r}; available: {sorted(ATTACKS)}")
+        clean_label = ATTACKS[attack].clean_label
+        spec = BuildSpec(source=args.source, test_source=args.test_source, out="", attack=attack,
+                         poison_rate=CLEAN_LABEL_RATE if clean_label else DIRTY_LABEL_RATE, target=0,
+                         shard_size=1000 if args.test_source else 256, max_train=args.max_train)
+        print(f"=== {attack} ===", flush=True)
+        results = run_experiment(Path(args.out) / attack, spec, args.config, overrides, references=(),
+                                 num_workers=args.num_workers)
+        rows.append({"attack": attack, "poison_rate": spec.poison_rate, **results})
+    markdown = table(rows)
+    print(markdown)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "defense_matrix.md").write_text(markdown + "\n")
+    write_result("defense_matrix", {"source": args.source, "max_train": args.max_train, "epochs": args.epochs,
+                                    "config": args.config,
+                                    "overrides": overrides, "rows": rows}, str(Path(args.out) / "defense_matrix.json"))
+
+
+if __name__ == "__main__":
+    main()
