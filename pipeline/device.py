@@ -30,9 +30,9 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
     scale = uniform(cfg.scale_min, 1.0)
     flip = torch.rand(b, generator=generator, device="cpu").lt(0.5).to(dev) if cfg.hflip else torch.zeros(b, dtype=torch.bool, device=dev)
     # room to move: the zoomed window stays inside the image, plus the translate margin
-    room_x, room_y = (1 - scale) + 2 * cfg.translate, (1 - scale) + 2 * cfg.translate
-    tx = (uniform(-1.0, 1.0) * room_x).to(dev)
-    ty = (uniform(-1.0, 1.0) * room_y).to(dev)
+    room = (1 - scale) + 2 * cfg.translate
+    tx = uniform(-1.0, 1.0) * room
+    ty = uniform(-1.0, 1.0) * room
     if cfg.translate > 0 and cfg.scale_min == 1.0:
         # whole-pixel shifts, as a pad-and-crop would make
         side = images.shape[-1]

@@ -113,6 +113,14 @@ class _SeededShuffle:
                                                                                  pytorch_worker_seed()))
 
 
+def corrupt_shard(exn: Exception) -> bool:
+    """webdataset error handler: stop with an error naming the shard and the fix (never skip
+    samples silently). webdataset appends the shard's URL to the exception's args."""
+    where = next((a for a in reversed(exn.args) if isinstance(a, str) and (".tar" in a or "://" in a)), "a shard")
+    raise ShardError(f"cannot read {where}: {exn.args[0] if exn.args else exn!r}; compare the file with its sha256 "
+                     "in manifest.json and rebuild the shards (`mcci shards build`) if it differs") from exn
+
+
 def _decoding_stages(handler) -> list:
     return [wds.tarfile_to_samples(handler=handler)], [
         wds.decode("torchrgb8", handler=handler),
@@ -124,7 +132,7 @@ def train_loader(location: str, manifest: dict[str, Any], batch_size: int, steps
                  shuffle_buffer: int, seed: int, epoch: int) -> wds.WebLoader:
     """An endless seeded resample of the train shards, cut to ``steps`` full batches per process."""
     urls = shard_urls(location, manifest, "train")
-    read, decode = _decoding_stages(wds.reraise_exception)
+    read, decode = _decoding_stages(corrupt_shard)
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, seed=make_seed(seed, epoch), deterministic=True),
         *read,
@@ -149,7 +157,7 @@ def eval_loader(location: str, manifest: dict[str, Any], split: str, batch_size:
     on every rank).
     """
     urls = shard_urls(location, manifest, split)
-    read, decode = _decoding_stages(wds.reraise_exception)
+    read, decode = _decoding_stages(corrupt_shard)
     stages = [wds.SimpleShardList(urls), *([wds.split_by_node] if by_rank else []), wds.split_by_worker, *read, *decode]
     if limit is not None:
         stages.append(wds.slice(limit))

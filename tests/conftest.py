@@ -1,4 +1,4 @@
-"""Tiny data made on the spot: tests never read ../shared or the network."""
+"""Tiny data made on the spot: tests read no shared data folder and no network."""
 from __future__ import annotations
 
 import os

@@ -95,3 +95,16 @@ def test_remote_shard_urls_resolve_to_streams():
     assert resolve_url("gs://b/x.tar") == "pipe:gsutil cat gs://b/x.tar"
     assert resolve_url("https://host/x.tar") == "https://host/x.tar"
     assert resolve_url("/data/x.tar") == "/data/x.tar"
+
+
+def test_corrupt_shard_is_a_clear_error(trained, tiny_shards, tmp_path):
+    import shutil
+
+    broken = tmp_path / "shards"
+    shutil.copytree(tiny_shards, broken)
+    shard = next((broken / "test-clean").glob("*.tar"))
+    shard.write_bytes(shard.read_bytes()[:700])  # cut inside the first member
+    r = mcci("eval", "--checkpoint", str(trained / "mcci"), "--shards", str(broken), "--num-workers", "0",
+             "--device", "cpu", check=False)
+    assert r.returncode == 2
+    assert "cannot read" in r.stderr and "test-clean-000000.tar" in r.stderr and "sha256" in r.stderr

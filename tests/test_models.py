@@ -57,4 +57,4 @@ def test_bad_model_inputs():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         create_sfrn("resnet18", 10, 32, weights_file="/nonexistent.safetensors")
     with pytest.raises(ValueError, match="no pretrained weights"):
-        create_sfrn("mcci_convnet_tiny", 10, 32, pretrained=True)
+        create_sfrn("mcci_convnet_tiny", 10, 32, True)  # refused before any download
