@@ -1,8 +1,9 @@
-"""Shared by the benchmarks: device timing, machine description, JSON + dated RESULTS.md lines."""
+"""Shared by the benchmarks: device timing, the machine's description, dated JSON results."""
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -10,15 +11,27 @@ from typing import Any, Callable
 
 import torch
 
+from pipeline.config import AugmentConfig
+from pipeline.device import InputTransform
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    import os
-
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def vit_transform(with_spectra: bool) -> InputTransform:
+    """The device input path of ViT fine-tuning: flip + random-resized crop, log spectra."""
+    return InputTransform((0.5,) * 3, (0.5,) * 3, AugmentConfig(hflip=True, scale_min=0.35), "log", "torch",
+                          with_spectra)
 
 
 def timed(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeat: int = 10) -> float:
@@ -27,12 +40,10 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeat: 
         fn()
     times = []
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 

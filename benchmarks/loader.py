@@ -12,22 +12,19 @@ import time
 
 import torch
 
-from benchmarks.common import write_result
-from pipeline.config import AugmentConfig
-from pipeline.device import InputTransform
+from benchmarks.common import sync, vit_transform, write_result
 from pipeline.stream import load_manifest, train_loader
 
 
 def measure(shards: str, manifest: dict, batch: int, workers: int, steps: int, device: torch.device) -> float:
-    transform = InputTransform((0.5,) * 3, (0.5,) * 3, AugmentConfig(hflip=True, scale_min=0.35), "log", "torch", True)
+    transform = vit_transform(with_spectra=True)
     loader = train_loader(shards, manifest, batch, steps + 3, workers, 1000, seed=0, epoch=0)
     start, done = None, 0
     for b in loader:
         inputs = transform(b.to(device).images, train=True)
         done += 1
         if done == 3:  # after the workers' start-up
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             start = time.perf_counter()
     _ = inputs.spectra.sum().item()
     return steps * batch / (time.perf_counter() - start)

@@ -15,14 +15,12 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
-from benchmarks.common import timed, write_result
+from benchmarks.common import sync, timed, vit_transform, write_result
 from mcci_models import create_model
-from pipeline.config import AugmentConfig
-from pipeline.device import InputTransform
 from pipeline.flops import forward_flops
 from pipeline.spectra import spectrum
+from pipeline.train import classification_loss
 
 
 def step_fn(model, optimizer, transform, images, labels, precision):
@@ -31,8 +29,7 @@ def step_fn(model, optimizer, transform, images, labels, precision):
     def step():
         inputs = transform(images, train=True)
         with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(inputs.images, inputs.spectra) if inputs.spectra is not None else model(inputs.images)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = classification_loss(model, inputs, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -51,8 +48,7 @@ def bench_model(name: str, args, device) -> dict:
         flops = 3 * (forward_flops(model.sfrn, (1, 3, size, size)) + forward_flops(model.ain, (1, 3, size, size))
                      if defense == "mcci" else forward_flops(model, (1, 3, size, size)))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        transform = InputTransform((0.5,) * 3, (0.5,) * 3, AugmentConfig(hflip=True, scale_min=0.35), "log", "torch",
-                                   with_spectra=defense == "mcci")
+        transform = vit_transform(with_spectra=defense == "mcci")
         s = timed(step_fn(model, optimizer, transform, images, labels, args.precision), device, warmup=5, repeat=args.repeat)
         ips = args.batch / s
         key = "plain" if defense == "none" else "mcci"
@@ -81,7 +77,7 @@ def shard_fed(name: str, args, device) -> dict:
     manifest = load_manifest(args.shards)
     model = create_model("mcci", name, manifest["num_classes"], manifest["image_size"]).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    transform = InputTransform((0.5,) * 3, (0.5,) * 3, AugmentConfig(hflip=True, scale_min=0.35), "log", "torch", True)
+    transform = vit_transform(with_spectra=True)
     steps = args.shard_steps
     loader = train_loader(args.shards, manifest, args.batch, steps + 5, args.workers, 2000, 0, 0)
     done, start = 0, None
@@ -90,9 +86,9 @@ def shard_fed(name: str, args, device) -> dict:
         step_fn(model, optimizer, transform, batch.images, batch.labels, args.precision)()
         done += 1
         if done == 5:
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            sync(device)
             start = time.perf_counter()
-    torch.cuda.synchronize() if device.type == "cuda" else None
+    sync(device)
     return {"shard_fed_mcci_images_per_s": round(steps * args.batch / (time.perf_counter() - start), 1),
             "shard_fed_workers": args.workers}
 

@@ -61,6 +61,7 @@ class InputTransform:
                  normalisation: str, backend: str, with_spectra: bool, seed: int = 0):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std).view(1, -1, 1, 1) * 255.0
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.augment_cfg = augment_cfg
         self.normalisation, self.backend, self.with_spectra = normalisation, backend, with_spectra
         self.generator = torch.Generator().manual_seed(seed)
@@ -70,7 +71,9 @@ class InputTransform:
         if train:
             pixels = augment(pixels, self.augment_cfg, self.generator)
         spectra = spectrum(pixels, self.normalisation, self.backend) if self.with_spectra else None
-        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        if pixels.device not in self._on_device:  # copied once, not every batch
+            self._on_device[pixels.device] = (self.mean.to(pixels.device), self.std.to(pixels.device))
+        mean, std = self._on_device[pixels.device]
         return ModelInputs((pixels - mean) / std, spectra)
 
     def state_dict(self) -> dict:

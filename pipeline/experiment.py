@@ -5,6 +5,7 @@ Each stage is skipped when its output already exists, so an interrupted experime
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,7 @@ def run_experiment(out: str | Path, shards: BuildSpec, config: str | None = None
     start = time.perf_counter()
     shard_dir = out / "shards"
     if not (shard_dir / "manifest.json").exists():
-        shards.out = str(shard_dir)
-        build_shards(shards)
+        build_shards(dataclasses.replace(shards, out=str(shard_dir)))
     runs = {}
     for name, defense in (("baseline", "none"), ("mcci", "mcci")):
         run_dir = out / name

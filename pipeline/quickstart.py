@@ -33,13 +33,13 @@ QUICKSTART_OVERRIDES = [
 ]
 
 
-def quickstart_shards(attack: str = "badnets", poison_rate: float = 0.1) -> BuildSpec:
-    return BuildSpec(source=QUICKSTART_SOURCE, out="", attack=attack, poison_rate=poison_rate, target=0, seed=0,
-                     shard_size=256)
+# BadNets, 10 % -> class 0; run_experiment sets the output folder.
+QUICKSTART_SHARDS = BuildSpec(source=QUICKSTART_SOURCE, out="", attack="badnets", poison_rate=0.1, target=0, seed=0,
+                              shard_size=256)
 
 
 def quickstart(out: str | Path = "runs/quickstart", epochs: int = 12) -> dict[str, Any]:
-    results = run_experiment(out, quickstart_shards(), overrides=[*QUICKSTART_OVERRIDES, f"train.epochs={epochs}"])
+    results = run_experiment(out, QUICKSTART_SHARDS, overrides=[*QUICKSTART_OVERRIDES, f"train.epochs={epochs}"])
     print(format_table(results))
     print(f"wrote {Path(out) / 'metrics.json'} ({results['seconds']} s)")
     return results

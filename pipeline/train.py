@@ -23,7 +23,7 @@ from mcci_models import MCCI, create_model
 from pipeline.checkpoint import (MODEL_DIR, checkpoint_dirs, load_training_state, save_model,
                                  save_training_state)
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.device import InputTransform
+from pipeline.device import InputTransform, ModelInputs
 from pipeline.evaluate import set_model_reference
 from pipeline.flops import forward_flops
 from pipeline.optim import build_optimizer, build_scheduler
@@ -51,6 +51,12 @@ def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     return {"defense": cfg.train.defense, "class_names": manifest["class_names"],
             "num_classes": manifest["num_classes"], "image_size": manifest["image_size"],
             "target": manifest["target"], "attack": manifest["attack"]["name"], "reference": None}
+
+
+def classification_loss(model: nn.Module, inputs: ModelInputs, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the model as trained: with each input's own spectrum for MCCI."""
+    logits = model(inputs.images, inputs.spectra) if inputs.spectra is not None else model(inputs.images)
+    return F.cross_entropy(logits.float(), labels)
 
 
 def _check_out(cfg: Config) -> None:
@@ -128,8 +134,7 @@ def train(cfg: Config) -> Path:
             batch = batch.to(accelerator.device)
             inputs = transform(batch.images, train=True)
             with accelerator.autocast():
-                logits = model(inputs.images, inputs.spectra) if inputs.spectra is not None else model(inputs.images)
-                loss = F.cross_entropy(logits.float(), batch.labels)
+                loss = classification_loss(model, inputs, batch.labels)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower optim.lr, enable "
                                          "optim.grad_clip, or use spectrum.normalisation=log")

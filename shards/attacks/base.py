@@ -62,6 +62,11 @@ class Attack:
             return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
 
 
+def to_pixels(values: np.ndarray) -> np.ndarray:
+    """Round and clip a float image back to uint8, as a stored image must be."""
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
 def build_attack(name: str, params: dict[str, Any], image_size: int, seed: int) -> Attack:
     if name not in ATTACKS:
         raise ShardBuildError(f"unknown attack {name!r}; available: {sorted(ATTACKS)}")

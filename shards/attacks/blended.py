@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shards.attacks.base import Attack, register
+from shards.attacks.base import Attack, register, to_pixels
 from shards.errors import ShardBuildError
 
 
@@ -28,4 +28,4 @@ class Blended(Attack):
     def apply(self, image: np.ndarray, index: int) -> np.ndarray:
         alpha = float(self.params["alpha"])
         mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * self.pattern.astype(np.float32)
-        return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+        return to_pixels(mixed)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-from shards.attacks.base import Attack, register
+from shards.attacks.base import Attack, register, to_pixels
 from shards.errors import ShardBuildError
 
 # RGB <-> YUV (BT.601 analogue), as BackdoorBench's FTrojan uses.
@@ -47,4 +47,4 @@ class FTrojan(Attack):
             for r, c in self.params["positions"]:
                 coefficients[r::self.window, c::self.window] += float(self.params["magnitude"])
             yuv[:, :, ch] = block_dct(coefficients, self.window, inverse=True)
-        return np.clip(np.rint(yuv @ YUV_TO_RGB.T), 0, 255).astype(np.uint8)
+        return to_pixels(yuv @ YUV_TO_RGB.T)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-from shards.attacks.base import Attack, register
+from shards.attacks.base import Attack, register, to_pixels
 from shards.errors import ShardBuildError
 
 
@@ -37,4 +37,4 @@ class LowFrequency(Attack):
         self.params["resolved_cutoff"] = self.cutoff
 
     def apply(self, image: np.ndarray, index: int) -> np.ndarray:
-        return np.clip(np.rint(image.astype(np.float64) + self.pattern), 0, 255).astype(np.uint8)
+        return to_pixels(image.astype(np.float64) + self.pattern)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shards.attacks.base import Attack, register
+from shards.attacks.base import Attack, register, to_pixels
 from shards.errors import ShardBuildError
 
 
@@ -27,4 +27,4 @@ class SIG(Attack):
         self.signal = wave[None, :, None]
 
     def apply(self, image: np.ndarray, index: int) -> np.ndarray:
-        return np.clip(np.rint(image.astype(np.float64) + self.signal), 0, 255).astype(np.uint8)
+        return to_pixels(image.astype(np.float64) + self.signal)
