@@ -2,21 +2,26 @@
 
     python -m benchmarks.defense_matrix --out runs/defense-matrix                  # embedded digits, CPU
     python -m benchmarks.defense_matrix --source cifar10-train.tar.gz --test-source cifar10-test.tar.gz \\
-        --config configs/cifar10_resnet18.yaml --out runs/defense-matrix-cifar10 --attacks badnets blended sig lf ftrojan
+        --config configs/cifar10_resnet18.yaml --out runs/defense-matrix-cifar10 \\
+        --attacks badnets badnets:all-to-all blended wanet sig lc trojan lf ftrojan issba refool
 
-Writes ``<out>/defense_matrix.json`` and ``<out>/defense_matrix.md`` (CA / ASR / RA / DER per attack
-and mode). Each attack's experiment lives in ``<out>/<attack>/`` and resumes where it stopped.
+An attack is ``NAME`` (all-to-one, target 0) or ``NAME:all-to-all``; ``--attack-params FILE`` is a
+YAML mapping of attack name to parameters (default: the registry's BackdoorBench defaults). Writes
+``<out>/defense_matrix.json`` and ``<out>/defense_matrix.md`` (CA / ASR / RA / DER per attack and
+mode). Each attack's experiment lives in ``<out>/<attack>/`` and resumes where it stopped.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import yaml
+
 from benchmarks.common import write_result
 from pipeline.experiment import run_experiment
 from pipeline.quickstart import QUICKSTART_OVERRIDES, QUICKSTART_SOURCE
 from shards.attacks import ATTACKS
-from shards.build import BuildSpec
+from shards.build import MODES, BuildSpec
 
 DIRTY_LABEL_RATE = 0.1
 CLEAN_LABEL_RATE = 0.08  # 80 % of the target class when it is a tenth of the data
@@ -36,7 +41,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default=QUICKSTART_SOURCE)
     parser.add_argument("--test-source")
-    parser.add_argument("--attacks", nargs="+", default=sorted(ATTACKS))
+    parser.add_argument("--attacks", nargs="+", default=sorted(set(ATTACKS) - {"custom"}),
+                        help="NAME or NAME:all-to-all (default: every attack but custom, which needs a trigger file)")
+    parser.add_argument("--attack-params", help="YAML file: attack name -> parameters")
     parser.add_argument("--config", help="training config; default: the quickstart recipe")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--max-train", type=int, help="a seeded random subset of the training images")
@@ -45,23 +52,28 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="training overrides, e.g. train.mixed_precision=bf16")
     args = parser.parse_args()
     overrides = [*([] if args.config else QUICKSTART_OVERRIDES), f"train.epochs={args.epochs}", *args.overrides]
+    attack_params = yaml.safe_load(open(args.attack_params)) if args.attack_params else {}
     rows = []
-    for attack in args.attacks:
-        if attack not in ATTACKS:
-            parser.error(f"unknown attack {attack!r}; available: {sorted(ATTACKS)}")
+    for entry in args.attacks:
+        attack, _, mode = entry.partition(":")
+        mode = mode or "all-to-one"
+        if attack not in ATTACKS or mode not in MODES:
+            parser.error(f"unknown attack {entry!r}; attacks: {sorted(ATTACKS)}, each optionally :all-to-all")
         clean_label = ATTACKS[attack].clean_label
-        spec = BuildSpec(source=args.source, test_source=args.test_source, out="", attack=attack,
+        spec = BuildSpec(source=args.source, test_source=args.test_source, out="", attack=attack, mode=mode,
                          poison_rate=CLEAN_LABEL_RATE if clean_label else DIRTY_LABEL_RATE, target=0,
+                         attack_params=attack_params.get(attack, {}),
                          shard_size=1000 if args.test_source else 256, max_train=args.max_train)
-        print(f"=== {attack} ===", flush=True)
-        results = run_experiment(Path(args.out) / attack, spec, args.config, overrides, references=(),
-                                 num_workers=args.num_workers)
-        rows.append({"attack": attack, "poison_rate": spec.poison_rate, **results})
+        print(f"=== {entry} ===", flush=True)
+        results = run_experiment(Path(args.out) / entry.replace(":", "-"), spec, args.config, overrides,
+                                 references=(), num_workers=args.num_workers)
+        rows.append({"attack": entry, "poison_rate": spec.poison_rate, "attack_params": spec.attack_params, **results})
     markdown = table(rows)
     print(markdown)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "defense_matrix.md").write_text(markdown + "\n")
     write_result("defense_matrix", {"source": args.source, "max_train": args.max_train, "epochs": args.epochs,
+                                    "attack_params_file": args.attack_params,
                                     "config": args.config,
                                     "overrides": overrides, "rows": rows}, str(Path(args.out) / "defense_matrix.json"))
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from mcci_models import MCCI
 from pipeline.device import InputTransform
-from pipeline.metrics import Counts, count_clean, count_triggered
+from pipeline.metrics import Counts, attack_targets, count_clean, count_triggered
 from pipeline.stream import ShardError, eval_loader
 
 MCCI_MODES = ("own", "mind_control")
@@ -60,11 +60,12 @@ def evaluate(model: nn.Module, location: str, manifest: dict[str, Any], transfor
     is_mcci = isinstance(model, MCCI)
     modes = modes or (MCCI_MODES if is_mcci else ("plain",))
     counts = {m: Counts() for m in modes}
-    target = int(manifest["target"])
+    target, mode, num_classes = int(manifest["target"]), manifest.get("mode", "all-to-one"), manifest["num_classes"]
     ctx = autocast or (lambda: torch.autocast(device.type, enabled=False))
     for split in ("test-clean", "test-poisoned"):
         for batch in eval_loader(location, manifest, split, batch_size, num_workers):
             batch = batch.to(device)
+            targets = attack_targets(batch.orig_labels, target, mode, num_classes)
             inputs = transform(batch.images, train=False)
             for mode in modes:
                 with ctx():
@@ -75,7 +76,7 @@ def evaluate(model: nn.Module, location: str, manifest: dict[str, Any], transfor
                     c.clean_correct += correct
                     c.clean_total += total
                 else:
-                    hits, recovered, total = count_triggered(pred, batch.orig_labels, target)
+                    hits, recovered, total = count_triggered(pred, batch.orig_labels, targets)
                     c.attack_hits += hits
                     c.recovered += recovered
                     c.attack_total += total

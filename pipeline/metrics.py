@@ -1,7 +1,8 @@
 """Backdoor metrics (BackdoorBench definitions), as pure functions of predictions.
 
 All are fractions in [0, 1]. ``asr`` and ``ra`` are taken over triggered test inputs whose true
-label is not the attack's target (for any target, not only class 0).
+label is not the attack's target (for any target, not only class 0; for all-to-all attacks each
+input's target is its label + 1 mod K).
 """
 from __future__ import annotations
 
@@ -40,11 +41,21 @@ def count_clean(pred: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     return int((pred == labels).sum()), int(labels.numel())
 
 
-def count_triggered(pred: torch.Tensor, true_labels: torch.Tensor, target: int) -> tuple[int, int, int]:
-    """(predicted target, predicted true label, total) over inputs whose true label is not target."""
-    keep = true_labels != target
+def attack_targets(true_labels: torch.Tensor, target: int, mode: str = "all-to-one",
+                   num_classes: int | None = None) -> torch.Tensor:
+    """The label a triggered input is attacked towards: ``target``, or y + 1 mod K for all-to-all."""
+    if mode == "all-to-all":
+        return (true_labels + 1) % num_classes
+    return torch.full_like(true_labels, target)
+
+
+def count_triggered(pred: torch.Tensor, true_labels: torch.Tensor, target: int | torch.Tensor) -> tuple[int, int, int]:
+    """(predicted target, predicted true label, total) over inputs whose true label is not their
+    target (``target``: one class, or one per input)."""
+    targets = torch.as_tensor(target, device=true_labels.device).expand_as(true_labels)
+    keep = true_labels != targets
     p, t = pred[keep], true_labels[keep]
-    return int((p == target).sum()), int((p == t).sum()), int(keep.sum())
+    return int((p == targets[keep]).sum()), int((p == t).sum()), int(keep.sum())
 
 
 def clean_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:

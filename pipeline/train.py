@@ -50,7 +50,8 @@ def build_transform(cfg: Config, seed: int = 0) -> InputTransform:
 def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     return {"defense": cfg.train.defense, "class_names": manifest["class_names"],
             "num_classes": manifest["num_classes"], "image_size": manifest["image_size"],
-            "target": manifest["target"], "attack": manifest["attack"]["name"], "reference": None}
+            "target": manifest["target"], "mode": manifest.get("mode", "all-to-one"),
+            "attack": manifest["attack"]["name"], "reference": None}
 
 
 def classification_loss(model: nn.Module, inputs: ModelInputs, labels: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,12 @@ Splits written:
 - ``trusted``: ``trusted_count`` clean training images held out of ``train``, the defender's small
   trusted set (the default source of the mind-control reference).
 - ``test-clean``: every test image, clean.
-- ``test-poisoned``: every test image whose true label is not the target, with the trigger and its
-  true label.
+- ``test-poisoned``: every test image whose true label is not the target (all-to-one) or every test
+  image (all-to-all), with the trigger and its true label.
+
+Modes: ``all-to-one`` relabels poisoned training images to ``target``; ``all-to-all`` relabels
+label y to (y + 1) mod K. Attacks with cross samples (WaNet's noise mode) also modify extra training
+images that keep their labels (``cross`` in the sample metadata, ``cross_indices`` in the manifest).
 
 Output is written to a temporary folder next to ``out`` and renamed into place at the end, so a
 crash never leaves a folder that looks complete; the same inputs and seed give byte-identical shards.
@@ -29,11 +33,12 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from shards.attacks import build_attack
+from shards.attacks import AttackContext, build_attack
 from shards.errors import ShardBuildError
 from shards.sources import LabelledImages, encode_image, load_source
 
 FORMAT_VERSION = 1
+MODES = ("all-to-one", "all-to-all")
 SPLITS = ("train", "trusted", "test-clean", "test-poisoned")
 LOSSLESS_MAX_SIDE = 64
 
@@ -45,6 +50,7 @@ class BuildSpec:
     attack: str = "badnets"
     poison_rate: float = 0.1
     target: int = 0
+    mode: str = "all-to-one"
     seed: int = 0
     image_size: int | None = None
     test_source: str | None = None
@@ -66,11 +72,14 @@ class _SampleSpec:
     orig_label: int
     poisoned: bool
     index: int
+    cross: bool = False
 
 
 def _validate(spec: BuildSpec) -> None:
     if not 0.0 < spec.poison_rate < 1.0:
         raise ShardBuildError(f"--poison-rate must be in (0, 1), got {spec.poison_rate}")
+    if spec.mode not in MODES:
+        raise ShardBuildError(f"--mode must be one of {MODES}, got {spec.mode!r}")
     if spec.image_format not in ("auto", "png", "jpeg"):
         raise ShardBuildError(f"--format must be auto, png or jpeg, got {spec.image_format!r}")
     if not 1 <= spec.jpeg_quality <= 100:
@@ -104,8 +113,11 @@ def fit_image(image: Image.Image, size: int | None) -> np.ndarray:
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(state: dict[str, Any]) -> None:
+def _init_worker(state: dict[str, Any], in_pool: bool = False) -> None:
     _STATE.update(state)
+    if in_pool:  # attacks that run a network (ISSBA's encoder) get one thread per worker, as DataLoader workers do
+        import torch
+        torch.set_num_threads(1)
 
 
 def _write_shard(job: tuple[str, str, list[_SampleSpec]]) -> dict[str, Any]:
@@ -121,8 +133,11 @@ def _write_shard(job: tuple[str, str, list[_SampleSpec]]) -> dict[str, Any]:
                 raise ShardBuildError(f"image {s.ref} is {pixels.shape[1]}x{pixels.shape[0]}, not {size}x{size}; "
                                       "pass --image-size to resize every image")
             if s.poisoned:
-                pixels = attack.apply(pixels, s.index)
-            meta = {"label": s.label, "orig_label": s.orig_label, "poisoned": s.poisoned, "index": s.index}
+                pixels = attack.apply_train(pixels, s.index) if split == "train" else attack.apply(pixels, s.index)
+            elif s.cross:
+                pixels = attack.apply_cross(pixels, s.index)
+            meta = {"label": s.label, "orig_label": s.orig_label, "poisoned": s.poisoned, "index": s.index,
+                    "cross": s.cross}
             sink.write({"__key__": s.key, ext: encode_image(pixels, fmt, quality),
                         "cls": str(s.label).encode(), "json": json.dumps(meta, sort_keys=True).encode()})
     os.replace(tmp, path)
@@ -130,8 +145,12 @@ def _write_shard(job: tuple[str, str, list[_SampleSpec]]) -> dict[str, Any]:
     return {"split": split, "path": path, "sha256": digest, "count": len(samples)}
 
 
+def poison_label(label: int, spec: BuildSpec, num_classes: int) -> int:
+    return (label + 1) % num_classes if spec.mode == "all-to-all" else spec.target
+
+
 def _plan(spec: BuildSpec, sources: dict[str, LabelledImages], attack) -> tuple[dict, dict]:
-    """Choose trusted and poisoned samples and list every split's samples in order."""
+    """Choose trusted, poisoned and cross samples and list every split's samples in order."""
     rng = np.random.default_rng(spec.seed)
     train, test = sources["train"], sources["test"]
     pool = np.arange(len(train))
@@ -142,7 +161,12 @@ def _plan(spec: BuildSpec, sources: dict[str, LabelledImages], attack) -> tuple[
         raise ShardBuildError(f"--trusted-count {spec.trusted_count} leaves no training images (train has {n})")
     trusted = np.sort(rng.choice(pool, size=spec.trusted_count, replace=False)) if spec.trusted_count else np.array([], int)
     keep = np.setdiff1d(pool, trusted)
-    eligible = keep[train.labels[keep] == spec.target] if attack.clean_label else keep[train.labels[keep] != spec.target]
+    if attack.clean_label:
+        eligible = keep[train.labels[keep] == spec.target]
+    elif spec.mode == "all-to-all":
+        eligible = keep
+    else:
+        eligible = keep[train.labels[keep] != spec.target]
     n_poison = int(round(spec.poison_rate * len(keep)))
     if n_poison > len(eligible):
         kind = "target-class" if attack.clean_label else "non-target"
@@ -151,24 +175,47 @@ def _plan(spec: BuildSpec, sources: dict[str, LabelledImages], attack) -> tuple[
     if n_poison == 0:
         raise ShardBuildError(f"poison rate {spec.poison_rate} poisons no sample of {len(keep)}; raise --poison-rate")
     poisoned = set(np.sort(rng.choice(eligible, size=n_poison, replace=False)).tolist())
+    unpoisoned = np.setdiff1d(keep, list(poisoned))
+    n_cross = attack.cross_count(n_poison)
+    if n_cross > len(unpoisoned):
+        raise ShardBuildError(f"attack {attack.name!r} needs {n_cross} cross samples besides {n_poison} poisoned ones, "
+                              f"only {len(unpoisoned)} images are left; lower --poison-rate or the cross ratio")
+    cross = set(np.sort(rng.choice(unpoisoned, size=n_cross, replace=False)).tolist()) if n_cross else set()
     # Written in a seeded random order: a shard then holds every class, so a stream that reads a
     # few shards at a time still makes i.i.d. batches (sources list images class by class).
     keep = keep[rng.permutation(len(keep))]
 
-    def sample(split: str, pos: int, ref_index: int, source: LabelledImages, poison: bool) -> _SampleSpec:
-        orig = int(source.labels[ref_index])
-        label = spec.target if (poison and split == "train") else orig
-        return _SampleSpec(f"{pos:08d}", source.refs[ref_index], label, orig, poison, int(ref_index))
+    num_classes = len(train.class_names)
 
+    def sample(split: str, pos: int, ref_index: int, source: LabelledImages, poison: bool,
+               is_cross: bool = False) -> _SampleSpec:
+        orig = int(source.labels[ref_index])
+        label = poison_label(orig, spec, num_classes) if (poison and split == "train" and not attack.clean_label) else orig
+        return _SampleSpec(f"{pos:08d}", source.refs[ref_index], label, orig, poison, int(ref_index), is_cross)
+
+    triggered_test = np.arange(len(test)) if spec.mode == "all-to-all" else np.flatnonzero(test.labels != spec.target)
     plan = {
-        "train": [sample("train", p, i, train, int(i) in poisoned) for p, i in enumerate(keep)],
+        "train": [sample("train", p, i, train, int(i) in poisoned, int(i) in cross) for p, i in enumerate(keep)],
         "trusted": [sample("trusted", p, i, train, False) for p, i in enumerate(trusted)],
         "test-clean": [sample("test-clean", p, i, test, False) for p, i in enumerate(range(len(test)))],
-        "test-poisoned": [sample("test-poisoned", p, i, test, True)
-                          for p, i in enumerate(np.flatnonzero(test.labels != spec.target))],
+        "test-poisoned": [sample("test-poisoned", p, i, test, True) for p, i in enumerate(triggered_test)],
     }
-    chosen = {"poisoned_indices": sorted(poisoned), "trusted_indices": trusted.tolist()}
+    chosen = {"poisoned_indices": sorted(poisoned), "cross_indices": sorted(cross), "trusted_indices": trusted.tolist()}
     return plan, chosen
+
+
+def _context(spec: BuildSpec, sources: dict[str, LabelledImages], size: int, plan: dict, chosen: dict,
+             assets_dir: Path, progress: bool) -> AttackContext:
+    def pixels(split: str, indices: np.ndarray) -> np.ndarray:
+        source = sources[split]
+        return np.stack([fit_image(source.load(source.refs[int(i)]), size) for i in indices]) if len(indices) else \
+            np.zeros((0, size, size, 3), np.uint8)
+
+    poisoned = np.asarray(chosen["poisoned_indices"], dtype=np.int64)
+    clean = np.asarray([s.index for s in plan["train"] if not s.poisoned and not s.cross], dtype=np.int64)
+    return AttackContext(pixels=pixels, train_labels=sources["train"].labels, clean_train=np.sort(clean),
+                         poisoned_train=poisoned, num_classes=len(sources["train"].class_names), target=spec.target,
+                         assets_dir=assets_dir, progress=progress)
 
 
 def _image_size(spec: BuildSpec, train: LabelledImages) -> int:
@@ -195,8 +242,12 @@ def build_shards(spec: BuildSpec, progress: bool = True) -> dict[str, Any]:
                                   f"({', '.join(class_names[:10])}{', ...' if num_classes > 10 else ''})")
         size = _image_size(spec, sources["train"])
         attack = build_attack(spec.attack, spec.attack_params, size, spec.seed)
+        if attack.clean_label and spec.mode == "all-to-all":
+            raise ShardBuildError(f"attack {spec.attack!r} is clean-label: it relabels nothing, so --mode all-to-all "
+                                  "does not apply; use --mode all-to-one")
         fmt = spec.image_format if spec.image_format != "auto" else ("png" if size <= LOSSLESS_MAX_SIDE else "jpeg")
         plan, chosen = _plan(spec, sources, attack)
+        attack.prepare(_context(spec, sources, size, plan, chosen, staging / "assets", progress))
 
         jobs = []
         for split in SPLITS:
@@ -218,7 +269,7 @@ def build_shards(spec: BuildSpec, progress: bool = True) -> dict[str, Any]:
                     bar.update(results[-1]["count"])
             else:
                 ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-                with ctx.Pool(workers, initializer=_init_worker, initargs=(state,)) as pool:
+                with ctx.Pool(workers, initializer=_init_worker, initargs=(state, True)) as pool:
                     for r in pool.imap(_write_shard, jobs):
                         results.append(r)
                         bar.update(r["count"])
@@ -229,6 +280,7 @@ def build_shards(spec: BuildSpec, progress: bool = True) -> dict[str, Any]:
             "build": {k: v for k, v in asdict(spec).items() if k not in ("out", "overwrite", "workers")},
             "attack": attack.describe(),
             "target": spec.target,
+            "mode": spec.mode,
             "poison_rate": spec.poison_rate,
             "seed": spec.seed,
             "image_size": size,
@@ -239,6 +291,7 @@ def build_shards(spec: BuildSpec, progress: bool = True) -> dict[str, Any]:
                 split: {
                     "count": len(plan[split]),
                     "poisoned": sum(s.poisoned for s in plan[split]),
+                    "cross": sum(s.cross for s in plan[split]),
                     "shards": [{"path": os.path.relpath(r["path"], staging), "sha256": r["sha256"], "count": r["count"]}
                                for r in results if r["split"] == split],
                 }

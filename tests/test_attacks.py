@@ -6,8 +6,9 @@ from shards.attacks import ATTACKS, build_attack
 from shards.errors import ShardBuildError
 
 
-def test_registry_has_badnets_and_blended():
-    assert {"badnets", "blended", "sig", "lf", "ftrojan"} <= set(ATTACKS)
+def test_registry_has_every_attack_of_the_suite():
+    assert {"badnets", "blended", "wanet", "sig", "lc", "trojan", "lf", "ftrojan", "issba", "refool",
+            "custom"} <= set(ATTACKS)
 
 
 def test_badnets_reference_pattern_is_pixel_exact_at_32px():
@@ -133,3 +134,185 @@ def test_ftrojan_changes_exactly_the_chosen_coefficients():
 def test_ftrojan_window_must_divide_the_image():
     with pytest.raises(ShardBuildError, match="must divide"):
         build_attack("ftrojan", {}, 48, 0)
+
+
+# --- the attacks that learn or warp: unit properties on arrays, no shards needed ---
+
+TINY_SURROGATE = {"surrogate_arch": "mcci_convnet_tiny", "surrogate_epochs": 1, "surrogate_batch": 16}
+
+
+def array_context(tmp_path, size=16, per_class=16, classes=3, target=0, poisoned=4):
+    """An AttackContext over seeded class-coloured arrays (what build_shards gives an attack)."""
+    from shards.attacks import AttackContext
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(classes), per_class)
+    base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], np.float64)[labels % 3]
+    pixels = np.clip(base[:, None, None] + rng.normal(0, 30, (len(labels), size, size, 3)), 0, 255).astype(np.uint8)
+    chosen = np.flatnonzero(labels == target)[:poisoned]
+    return AttackContext(pixels=lambda split, idx: pixels[np.asarray(idx, dtype=np.int64)], train_labels=labels,
+                         clean_train=np.setdiff1d(np.arange(len(labels)), chosen), poisoned_train=chosen,
+                         num_classes=classes, target=target, assets_dir=tmp_path / "assets", progress=False), pixels
+
+
+def test_wanet_moves_pixels_and_adds_no_pattern():
+    import torch
+    import torch.nn.functional as F
+
+    attack = build_attack("wanet", {}, 32, seed=0)
+    flat = np.full((32, 32, 3), 90, np.uint8)
+    np.testing.assert_array_equal(attack.apply(flat, 0), flat)  # nothing is added: a flat image stays flat
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    warped = attack.apply(image, 0)
+    reference = F.grid_sample(torch.tensor(image).permute(2, 0, 1)[None].double(), torch.tensor(attack.grid)[None],
+                              align_corners=True)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(warped, np.clip(np.rint(reference), 0, 255))  # BackdoorBench's grid_sample warp
+    displacement = np.abs(attack.grid - np.stack(np.meshgrid(np.linspace(-1, 1, 32), np.linspace(-1, 1, 32)), -1))
+    assert 0 < displacement.max() * 31 / 2 < 2  # pixels move, by under 2 px at strength 0.5
+    assert attack.cross_count(10) == 20
+    cross = attack.apply_cross(image, 7)
+    assert not np.array_equal(cross, warped) and np.array_equal(cross, attack.apply_cross(image, 7))
+    assert not np.array_equal(cross, attack.apply_cross(image, 8))  # per-image noise
+    np.testing.assert_array_equal(build_attack("wanet", {}, 32, seed=0).apply(image, 3), warped)
+
+
+def test_wanet_cross_samples_keep_their_labels(image_tree, tmp_path):
+    import json
+
+    import webdataset as wds
+
+    from shards.build import BuildSpec, build_shards
+
+    m = build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "s"), attack="wanet", poison_rate=0.1,
+                               trusted_count=0), progress=False)
+    train = m["splits"]["train"]
+    assert train["poisoned"] == 4 and train["cross"] == 8 and len(m["cross_indices"]) == 8
+    assert not set(m["cross_indices"]) & set(m["poisoned_indices"])
+    urls = [str(tmp_path / "s" / s["path"]) for s in train["shards"]]
+    metas = [json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    assert all(x["label"] == x["orig_label"] for x in metas if x["cross"])
+    assert all(x["label"] == 0 for x in metas if x["poisoned"])
+
+
+def test_custom_trigger_blends_image_mask_alpha_at_position(tmp_path):
+    trigger = np.full((4, 6, 3), 250, np.uint8)
+    mask = np.zeros((4, 6), np.uint8)
+    mask[:, :3] = 255
+    Image.fromarray(trigger).save(tmp_path / "t.png")
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    attack = build_attack("custom", {"trigger_file": str(tmp_path / "t.png"), "mask_file": str(tmp_path / "m.png"),
+                                     "alpha": 0.5, "position": [1, 2]}, 16, 0)
+    image = np.full((16, 16, 3), 50, np.uint8)
+    out = attack.apply(image, 0).astype(int)
+    assert (out[1:5, 2:5] == 150).all()  # 0.5 * 50 + 0.5 * 250 inside the mask
+    out[1:5, 2:5] = 50
+    assert (out == 50).all()  # the masked-out half of the window and the rest are untouched
+    assert set(attack.describe()["assets"]) == {"trigger_file", "mask_file"}
+    with pytest.raises(ShardBuildError, match="needs --param trigger_file"):
+        build_attack("custom", {}, 16, 0)
+    with pytest.raises(ShardBuildError, match="larger than"):
+        build_attack("custom", {"trigger_file": str(tmp_path / "t.png"), "size": [20, 20]}, 16, 0)
+
+
+def test_refool_blends_a_reflection_from_the_pool(tmp_path):
+    context, pixels = array_context(tmp_path, size=16)
+    attack = build_attack("refool", {"pool_size": 5}, 16, seed=0)
+    assert attack.clean_label
+    attack.prepare(context)
+    assert attack.pool.shape == (5, 16, 16, 3)
+    chosen = attack.params["resolved_reflection_indices"]
+    assert all(context.train_labels[i] != 0 for i in chosen)  # reflections come from other classes
+    image = pixels[0]
+    outs = [attack.apply(image, i) for i in range(6)]
+    assert all(np.abs(o.astype(int) - image).mean() > 2 for o in outs)  # the whole image changes
+    assert len({o.tobytes() for o in outs}) == 6  # per-image reflection, blur and weights
+    np.testing.assert_array_equal(outs[2], attack.apply(image, 2))
+    folder = tmp_path / "reflections"
+    folder.mkdir()
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(folder / "white.png")
+    from_folder = build_attack("refool", {"reflection_dir": str(folder)}, 16, 0)
+    assert from_folder.pool.shape == (1, 16, 16, 3) and "reflection_dir" in from_folder.assets
+    dark = np.full((16, 16, 3), 30, np.uint8)
+    assert all((from_folder.apply(dark, i) >= dark).all() for i in range(4))  # a white reflection only brightens
+    with pytest.raises(ShardBuildError, match="has no images"):
+        build_attack("refool", {"reflection_dir": str(tmp_path / "none")}, 16, 0)
+
+
+def test_label_consistent_perturbs_within_eps_and_stamps_four_corners(tmp_path):
+    context, pixels = array_context(tmp_path, size=16)
+    attack = build_attack("lc", {"steps": 3, **TINY_SURROGATE}, 16, seed=0)
+    assert attack.clean_label
+    attack.prepare(context)
+    assert (tmp_path / "assets" / "surrogate.safetensors").is_file() and "surrogate" in attack.assets
+    index = int(context.poisoned_train[0])
+    clean = pixels[index]
+    train = attack.apply_train(clean, index).astype(int)
+    test = attack.apply(clean, index).astype(int)
+    corners = np.zeros((16, 16), bool)
+    corners[:3, :3] = corners[:3, -3:] = corners[-3:, :3] = corners[-3:, -3:] = True
+    np.testing.assert_array_equal(test[~corners], clean[~corners])  # test images: the corner patterns only
+    np.testing.assert_array_equal(train[corners], test[corners])
+    assert {0, 255} == set(np.unique(test[corners]))
+    delta = np.abs(train[~corners] - clean[~corners])
+    assert 0 < delta.max() <= 8 + 1  # PGD moved pixels, within eps 8/255 (+1 for rounding)
+    np.testing.assert_array_equal(test[:3, :3, 0], np.array([[255, 0, 255], [0, 0, 0], [255, 0, 255]]))
+
+
+def test_trojan_optimises_a_patch_towards_the_target(tmp_path):
+    context, pixels = array_context(tmp_path, size=16)
+    attack = build_attack("trojan", {"steps": 15, "batch": 8, **TINY_SURROGATE}, 16, seed=0)
+    before = attack.patch.copy()
+    attack.prepare(context)
+    assert not np.array_equal(attack.patch, before) and (tmp_path / "assets" / "trojan_patch.png").is_file()
+    image = pixels[20]
+    out = attack.apply(image, 0)
+    changed = np.argwhere((out != image).any(axis=2))
+    assert changed.min(0).tolist() >= [13, 13]  # 0.2 x 16 -> a 3x3 patch in the bottom-right corner
+    np.testing.assert_array_equal(out[13:, 13:], attack.patch)
+    given = tmp_path / "patch.png"
+    Image.fromarray(np.full((3, 3, 3), 7, np.uint8)).save(given)
+    fixed = build_attack("trojan", {"trigger_file": str(given)}, 16, 0)
+    fixed.prepare(context)  # a given patch is used as it is: nothing to optimise
+    assert (fixed.apply(image, 0)[13:, 13:] == 7).all()
+
+
+def test_issba_hides_a_code_with_a_different_bounded_perturbation_per_image(tmp_path):
+    context, pixels = array_context(tmp_path, size=16)
+    attack = build_attack("issba", {"steps": 20, "batch": 8, "width": 8, "code_bits": 8}, 16, seed=0)
+    attack.prepare(context)
+    path = tmp_path / "assets" / "issba_encoder.safetensors"
+    assert path.is_file() and "encoder" in attack.assets
+    deltas = [attack.apply(pixels[i], i).astype(int) - pixels[i] for i in (0, 20, 40)]
+    assert all(np.abs(d).max() <= 16 + 1 for d in deltas)  # at most max_residual (16/255) per pixel
+    assert all(np.abs(d).sum() > 0 for d in deltas)
+    assert not np.array_equal(deltas[0], deltas[1]) and not np.array_equal(deltas[1], deltas[2])  # sample-specific
+    reloaded = build_attack("issba", {"encoder_file": str(path)}, 16, seed=0)
+    assert reloaded.params["code_bits"] == 8
+    np.testing.assert_array_equal(reloaded.apply(pixels[3], 3), attack.apply(pixels[3], 3))
+    assert 0 <= attack.params["resolved_bit_accuracy"] <= 1
+
+
+def test_all_to_all_relabels_y_to_y_plus_one(image_tree, tmp_path):
+    import json
+
+    import torch
+    import webdataset as wds
+
+    from pipeline.metrics import attack_targets, count_triggered
+    from shards.build import BuildSpec, build_shards
+
+    m = build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "s"), attack="badnets", poison_rate=0.25,
+                               mode="all-to-all", trusted_count=0), progress=False)
+    assert m["mode"] == "all-to-all" and m["splits"]["test-poisoned"]["count"] == m["splits"]["test-clean"]["count"]
+    urls = [str(tmp_path / "s" / s["path"]) for s in m["splits"]["train"]["shards"]]
+    metas = [json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    poisoned = [x for x in metas if x["poisoned"]]
+    assert len(poisoned) == 9 and {x["orig_label"] for x in poisoned} > {0}  # every class can be poisoned
+    assert all(x["label"] == (x["orig_label"] + 1) % 3 for x in poisoned)
+    labels = torch.tensor([0, 1, 2, 2])
+    targets = attack_targets(labels, 0, "all-to-all", 3)
+    assert targets.tolist() == [1, 2, 0, 0]
+    assert count_triggered(torch.tensor([1, 1, 0, 2]), labels, targets) == (2, 2, 4)
+    with pytest.raises(ShardBuildError, match="clean-label"):
+        build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "t"), attack="sig", mode="all-to-all"),
+                     progress=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 
 from shards.attacks.base import Attack, register
-from shards.errors import ShardBuildError
 
 # The reference 3x3 pattern for 32 px images, on every channel.
 REFERENCE_PATTERN = np.array([[255, 0, 255], [0, 0, 0], [255, 0, 255]], dtype=np.uint8)
@@ -30,16 +29,8 @@ class BadNets(Attack):
         else:
             side = max(3, round(self.params["patch_fraction"] * image_size))
             self.patch = self.rng(0xBAD).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+        self.row, self.col = self.place(self.patch.shape[:2], self.params["position"])
         ph, pw = self.patch.shape[:2]
-        position = self.params["position"]
-        if position == "bottom-right":
-            self.row, self.col = image_size - ph, image_size - pw
-        elif isinstance(position, (list, tuple)) and len(position) == 2:
-            self.row, self.col = int(position[0]), int(position[1])
-        else:
-            raise ShardBuildError(f"badnets position must be 'bottom-right' or [row, col], got {position!r}")
-        if not (0 <= self.row <= image_size - ph and 0 <= self.col <= image_size - pw):
-            raise ShardBuildError(f"badnets patch {ph}x{pw} at {position} does not fit a {image_size} px image")
         self.params["resolved_position"] = [self.row, self.col]
         self.params["resolved_patch_shape"] = [ph, pw]
 

@@ -1,9 +1,12 @@
-"""What every attack is: a pure function of (image, index) given its parameters and seed."""
+"""What every attack is: a pure function of (image, index) given its parameters, seed and, for
+attacks that learn something first (a surrogate model, an encoder, a patch), what ``prepare`` made.
+"""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -21,11 +24,33 @@ def register(name: str):
     return wrap
 
 
+@dataclass
+class AttackContext:
+    """What ``Attack.prepare`` may read before any shard is written.
+
+    ``pixels(split, indices)`` returns the images (``split`` is ``"train"`` or ``"test"``) as they
+    will be stored, [N, H, W, 3] uint8. Learnt assets go under ``assets_dir`` (inside the shard
+    folder), their hashes into ``Attack.assets``.
+    """
+
+    pixels: Callable[[str, np.ndarray], np.ndarray]
+    train_labels: np.ndarray
+    clean_train: np.ndarray  # source indices of training images written unpoisoned (trusted excluded)
+    poisoned_train: np.ndarray
+    num_classes: int
+    target: int
+    assets_dir: Path
+    progress: bool = True
+
+
 class Attack:
     """Base class. Subclasses set ``defaults`` and implement ``apply``.
 
     ``clean_label`` attacks poison samples of the target class and keep their labels; the others
-    poison samples of other classes and relabel them to the target.
+    poison samples of other classes and relabel them. Hooks a subclass may override:
+    ``prepare`` (learn from the data first), ``apply_train`` (a training-only change, e.g. LC's
+    adversarial perturbation), and ``cross_count``/``apply_cross`` (extra modified samples that keep
+    their labels, e.g. WaNet's noise mode).
     """
 
     name: ClassVar[str] = ""
@@ -42,9 +67,23 @@ class Attack:
         self.seed = seed
         self.assets: dict[str, str] = {}  # asset name -> sha256, recorded in the manifest
 
+    def prepare(self, context: AttackContext) -> None:
+        """Called once, in the main process, before shards are written."""
+
     def apply(self, image: np.ndarray, index: int) -> np.ndarray:
         """Return the poisoned copy of an HxWx3 uint8 image (``index`` is the source index)."""
         raise NotImplementedError
+
+    def apply_train(self, image: np.ndarray, index: int) -> np.ndarray:
+        """The poisoned copy of training image ``index`` (test images get ``apply``)."""
+        return self.apply(image, index)
+
+    def cross_count(self, poisoned: int) -> int:
+        """How many extra training samples get ``apply_cross`` and keep their labels."""
+        return 0
+
+    def apply_cross(self, image: np.ndarray, index: int) -> np.ndarray:
+        raise NotImplementedError(f"attack {self.name!r} has no cross samples")
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.params, "clean_label": self.clean_label, "assets": self.assets}
@@ -52,19 +91,49 @@ class Attack:
     def rng(self, *salt: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *salt])
 
-    def load_image_asset(self, key: str, size: int) -> np.ndarray:
-        """An RGB asset from a file parameter, resized to ``size``, its hash recorded."""
+    def record_asset(self, key: str, path: Path) -> None:
+        self.assets[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    def asset_path(self, key: str) -> Path:
         path = Path(self.params[key])
         if not path.is_file():
             raise ShardBuildError(f"attack {self.name!r}: {key} file {path} does not exist")
-        self.assets[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+        self.record_asset(key, path)
+        return path
+
+    def load_image_asset(self, key: str, size: int | tuple[int, int], mode: str = "RGB") -> np.ndarray:
+        """An image asset from a file parameter, resized to ``size`` (side or (height, width)), its hash recorded."""
+        height, width = (size, size) if isinstance(size, int) else size
+        with Image.open(self.asset_path(key)) as im:
+            return np.asarray(im.convert(mode).resize((width, height), Image.BICUBIC), dtype=np.uint8)
+
+    def place(self, shape: tuple[int, int], position: Any) -> tuple[int, int]:
+        """Top-left corner of a ``shape`` patch at ``position`` (``bottom-right`` or ``[row, col]``)."""
+        ph, pw = shape
+        if position == "bottom-right":
+            row, col = self.image_size - ph, self.image_size - pw
+        elif isinstance(position, (list, tuple)) and len(position) == 2:
+            row, col = int(position[0]), int(position[1])
+        else:
+            raise ShardBuildError(f"{self.name} position must be 'bottom-right' or [row, col], got {position!r}")
+        if not (0 <= row <= self.image_size - ph and 0 <= col <= self.image_size - pw):
+            raise ShardBuildError(f"{self.name} patch {ph}x{pw} at {position} does not fit a {self.image_size} px image")
+        return row, col
 
 
 def to_pixels(values: np.ndarray) -> np.ndarray:
     """Round and clip a float image back to uint8, as a stored image must be."""
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def stamp(image: np.ndarray, patch: np.ndarray, mask: np.ndarray, alpha: float, row: int, col: int) -> np.ndarray:
+    """x' = (1 - alpha m) x + alpha m p on the patch's window; ``mask`` in [0, 1], HxW or HxWx1."""
+    ph, pw = patch.shape[:2]
+    out = image.copy()
+    window = out[row:row + ph, col:col + pw].astype(np.float64)
+    weight = alpha * mask.reshape(ph, pw, 1)
+    out[row:row + ph, col:col + pw] = to_pixels((1.0 - weight) * window + weight * patch)
+    return out
 
 
 def build_attack(name: str, params: dict[str, Any], image_size: int, seed: int) -> Attack:
