@@ -27,12 +27,18 @@ def _shards_build(args: argparse.Namespace) -> None:
         params[key] = yaml.safe_load(value)
     manifest = build_shards(BuildSpec(
         source=args.source, test_source=args.test_source, out=args.out, attack=args.attack,
-        poison_rate=args.poison_rate, target=args.target, seed=args.seed, image_size=args.image_size,
+        poison_rate=args.poison_rate, target=args.target, mode=args.mode, seed=args.seed, image_size=args.image_size,
         attack_params=params, image_format=args.format, jpeg_quality=args.jpeg_quality,
         shard_size=args.shard_size, trusted_count=args.trusted_count, max_train=args.max_train,
         workers=args.workers, overwrite=args.overwrite))
     counts = ", ".join(f"{k} {v['count']} ({v['poisoned']} poisoned)" for k, v in manifest["splits"].items())
     print(f"wrote {args.out}: {counts}")
+
+
+def _shards_preview(args: argparse.Namespace) -> None:
+    from pipeline.preview import preview
+
+    print(f"wrote {preview(args.shards, args.out, args.count, args.pairs)}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -81,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--attack-config", help="YAML file of attack parameters")
     b.add_argument("--poison-rate", type=float, default=0.1)
     b.add_argument("--target", type=int, default=0)
+    b.add_argument("--mode", default="all-to-one", choices=["all-to-one", "all-to-all"],
+                   help="all-to-all relabels y to y+1 mod K")
     b.add_argument("--out", required=True)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--image-size", type=int, help="resize (shorter side) and centre-crop to N px")
@@ -92,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=0, help="processes (0: automatic)")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=_shards_build)
+    p = shards.add_parser("preview", help="PNG of clean vs poisoned samples, their difference and spectrum change")
+    p.add_argument("shards", help="shard folder made by `mcci shards build`")
+    p.add_argument("--out", help="PNG path (default: SHARDS/preview.png)")
+    p.add_argument("--count", type=int, default=8, help="images per row")
+    p.add_argument("--pairs", type=int, default=256, help="clean/poisoned pairs averaged for the maps")
+    p.set_defaults(func=_shards_preview)
 
     t = sub.add_parser("train", help="train MCCI or the undefended baseline")
     t.add_argument("--config", help="YAML config (see configs/)")

@@ -108,3 +108,26 @@ def test_corrupt_shard_is_a_clear_error(trained, tiny_shards, tmp_path):
              "--device", "cpu", check=False)
     assert r.returncode == 2
     assert "cannot read" in r.stderr and "test-clean-000000.tar" in r.stderr and "sha256" in r.stderr
+
+
+def test_shards_preview_writes_a_png(tiny_shards, tmp_path):
+    from PIL import Image
+
+    main(["shards", "preview", str(tiny_shards), "--out", str(tmp_path / "p.png"), "--count", "4"])
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.format == "PNG" and im.width > 600 and im.height > 400
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_lc_takes_its_clean_model_from_a_baseline_checkpoint(trained, tiny_shards, tmp_path):
+    import json
+
+    data = tiny_shards.parent / "data"
+    main(["shards", "build", "--source", str(data), "--out", str(tmp_path / "lc"), "--attack", "lc", "--poison-rate",
+          "0.1", "--param", f"surrogate_checkpoint={trained / 'baseline'}", "--param", "steps=2", "--trusted-count", "0"])
+    manifest = json.loads((tmp_path / "lc" / "manifest.json").read_text())
+    assert len(manifest["attack"]["assets"]["surrogate_checkpoint"]) == 64
+    assert not (tmp_path / "lc" / "assets").exists()  # nothing trained here
+    bad = mcci("shards", "build", "--source", str(data), "--out", str(tmp_path / "lc2"), "--attack", "lc",
+               "--param", f"surrogate_checkpoint={trained / 'mcci'}", "--trusted-count", "0", check=False)
+    assert bad.returncode == 2 and "train.defense=none" in bad.stderr and not (tmp_path / "lc2").exists()
