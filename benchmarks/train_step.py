@@ -1,10 +1,12 @@
 """Training-step throughput and MFU: plain fine-tuning (SFRN alone) vs MCCI (SFRN + AIN + spectra).
 
     python -m benchmarks.train_step [--models vit_small_patch16_224 vit_base_patch16_224]
-        [--batch 128] [--precision bf16] [--shards DIR] [--out FILE]
+        [--batch 128] [--precision bf16] [--size 224] [--compile inductor] [--channels-last]
+        [--shards DIR [--decode auto|workers|device]] [--out FILE]
 
 (a) synthetic uint8 images already on the device; (b) with --shards, the real shard-fed pipeline
-(webdataset workers decode, the device augments and computes spectra). FLOPs are counted with
+(webdataset workers read, decode on the device or in the workers, the device augments and computes
+spectra, the next batch prepared on a side stream: pipeline/feed.py). FLOPs are counted with
 PyTorch's FlopCounterMode on one forward pass (2 per multiply-add); a training step is taken as 3x
 the forward. MFU = achieved FLOP/s / peak dense bf16 FLOP/s of the GPU (--peak-tflops, default
 989 for an H100 SXM).
@@ -36,19 +38,26 @@ def step_fn(model, optimizer, transform, images, labels, precision):
     return step
 
 
+def prepared(model: torch.nn.Module, args) -> torch.nn.Module:
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile != "no":
+        model.compile(backend=args.compile)
+    return model
+
+
 def bench_model(name: str, args, device) -> dict:
-    size = 224
+    size = args.size
     out = {"model": name}
     images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (args.batch,), device=device)
     for defense in ("none", "mcci"):
         model = create_model(defense, name, 10, size).to(device).train()
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         flops = 3 * (forward_flops(model.sfrn, (1, 3, size, size)) + forward_flops(model.ain, (1, 3, size, size))
                      if defense == "mcci" else forward_flops(model, (1, 3, size, size)))
+        model = prepared(model, args)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        transform = vit_transform(with_spectra=defense == "mcci")
+        transform = vit_transform(with_spectra=defense == "mcci", channels_last=args.channels_last)
         s = timed(step_fn(model, optimizer, transform, images, labels, args.precision), device, warmup=5, repeat=args.repeat)
         ips = args.batch / s
         key = "plain" if defense == "none" else "mcci"
@@ -72,17 +81,18 @@ def bench_model(name: str, args, device) -> dict:
 
 def shard_fed(name: str, args, device) -> dict:
     """MCCI steps fed by the real loader; images/s over a fixed number of steps after warm-up."""
+    from pipeline.feed import device_batches, resolve_decode
     from pipeline.stream import load_manifest, train_loader
 
     manifest = load_manifest(args.shards)
-    model = create_model("mcci", name, manifest["num_classes"], manifest["image_size"]).to(device).train()
+    model = prepared(create_model("mcci", name, manifest["num_classes"], manifest["image_size"]).to(device).train(), args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    transform = vit_transform(with_spectra=True)
+    transform = vit_transform(with_spectra=True, channels_last=args.channels_last)
     steps = args.shard_steps
-    loader = train_loader(args.shards, manifest, args.batch, steps + 5, args.workers, 2000, 0, 0)
+    decode = resolve_decode(args.decode, manifest["image_format"], device)
+    loader = train_loader(args.shards, manifest, args.batch, steps + 5, args.workers, 2000, 0, 0, decode=decode)
     done, start = 0, None
-    for batch in loader:
-        batch = batch.to(device)
+    for batch in device_batches(loader, device):
         step_fn(model, optimizer, transform, batch.images, batch.labels, args.precision)()
         done += 1
         if done == 5:
@@ -90,7 +100,7 @@ def shard_fed(name: str, args, device) -> dict:
             start = time.perf_counter()
     sync(device)
     return {"shard_fed_mcci_images_per_s": round(steps * args.batch / (time.perf_counter() - start), 1),
-            "shard_fed_workers": args.workers}
+            "shard_fed_workers": args.workers, "shard_fed_decode": decode}
 
 
 def main() -> None:
@@ -100,7 +110,10 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--size", type=int, default=224, help="synthetic image side")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", default="no", choices=["no", "inductor", "aot_eager", "eager"])
+    parser.add_argument("--decode", default="auto", choices=["auto", "workers", "device"])
     parser.add_argument("--shards", help="shard folder (224 px) for the shard-fed measurement")
     parser.add_argument("--shard-steps", type=int, default=30)
     parser.add_argument("--workers", type=int, default=8)
@@ -112,6 +125,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     rows = [bench_model(name, args, device) for name in args.models]
     write_result("train_step", {"device": device.type, "batch": args.batch, "precision": args.precision,
+                                "size": args.size, "compile": args.compile, "channels_last": args.channels_last,
                                 "peak_tflops": args.peak_tflops, "rows": rows}, args.out)
 
 

@@ -36,6 +36,9 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 2
     shuffle_buffer: int = 2000
+    # auto: JPEG shards decode on the GPU (nvJPEG, workers only read tars) when there is one, else in
+    # the workers; workers: PIL in the loader's workers; device: torchvision on the training device
+    decode: str = "auto"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -89,6 +92,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False  # continue from the newest complete checkpoint in out/checkpoints
     cpu: bool = False  # force the CPU even when a GPU is present
+    compile: str = "no"  # no | inductor (torch.compile of the SFRN+AIN model) | aot_eager | eager (debugging)
+    channels_last: bool = False  # NHWC model and inputs: faster convolutions (AIN, CNN SFRNs) on tensor cores
 
 
 @dataclass
@@ -110,6 +115,8 @@ CHOICES = {
     "reference.source": ("trusted", "train", "test-clean"),
     "train.defense": ("mcci", "none"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.compile": ("no", "inductor", "aot_eager", "eager"),
+    "data.decode": ("auto", "workers", "device"),
 }
 POSITIVE = ("data.batch_size", "data.eval_batch_size", "train.epochs", "optim.lr", "reference.count",
             "model.feature_dim", "data.shuffle_buffer")

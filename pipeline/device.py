@@ -58,13 +58,14 @@ class InputTransform:
     """uint8 batch on the device -> (SFRN input, AIN spectrum)."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], augment_cfg: AugmentConfig,
-                 normalisation: str, backend: str, with_spectra: bool, seed: int = 0):
+                 normalisation: str, backend: str, with_spectra: bool, seed: int = 0, channels_last: bool = False):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std).view(1, -1, 1, 1) * 255.0
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.augment_cfg = augment_cfg
         self.normalisation, self.backend, self.with_spectra = normalisation, backend, with_spectra
         self.generator = torch.Generator().manual_seed(seed)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images_uint8: torch.Tensor, train: bool) -> ModelInputs:
         pixels = images_uint8.float()
@@ -74,7 +75,8 @@ class InputTransform:
         if pixels.device not in self._on_device:  # copied once, not every batch
             self._on_device[pixels.device] = (self.mean.to(pixels.device), self.std.to(pixels.device))
         mean, std = self._on_device[pixels.device]
-        return ModelInputs((pixels - mean) / std, spectra)
+        images = ((pixels - mean) / std).contiguous(memory_format=self.memory_format)
+        return ModelInputs(images, None if spectra is None else spectra.contiguous(memory_format=self.memory_format))
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -45,6 +45,23 @@ class Batch:
         return Batch(*(t.pin_memory() for t in (self.images, self.labels, self.orig_labels, self.poisoned, self.indices)))
 
 
+@dataclass
+class EncodedBatch:
+    """A batch whose images are still the shard's encoded bytes (``decode="device"``): the loader's
+    workers only read tars, and ``pipeline.feed`` decodes on the device (nvJPEG on a GPU)."""
+
+    encoded: list[torch.Tensor]  # one uint8 tensor of file bytes per sample
+    image_format: str  # "jpg" or "png"
+    labels: torch.Tensor
+    orig_labels: torch.Tensor
+    poisoned: torch.Tensor
+    indices: torch.Tensor
+
+    def pin_memory(self) -> "EncodedBatch":
+        return EncodedBatch([t.pin_memory() for t in self.encoded], self.image_format,
+                            *(t.pin_memory() for t in (self.labels, self.orig_labels, self.poisoned, self.indices)))
+
+
 def _join(location: str, name: str) -> str:
     return location.rstrip("/") + "/" + name
 
@@ -96,10 +113,21 @@ def _to_sample(sample: dict[str, Any]) -> tuple:
     return image, meta["label"], meta["orig_label"], meta["poisoned"], meta["index"]
 
 
-def collate(samples: list[tuple]) -> Batch:
+def _to_encoded_sample(sample: dict[str, Any]) -> tuple:
+    fmt = "png" if "png" in sample else "jpg"
+    if fmt not in sample or "json" not in sample:
+        raise _DecodeError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks an image or its json")
+    meta = json.loads(sample["json"])
+    data = torch.frombuffer(bytearray(sample[fmt]), dtype=torch.uint8)
+    return (data, fmt), meta["label"], meta["orig_label"], meta["poisoned"], meta["index"]
+
+
+def collate(samples: list[tuple]) -> Batch | EncodedBatch:
     images, labels, orig, poisoned, index = zip(*samples)
-    return Batch(torch.stack(images), torch.tensor(labels), torch.tensor(orig),
-                 torch.tensor(poisoned, dtype=torch.bool), torch.tensor(index))
+    fields = (torch.tensor(labels), torch.tensor(orig), torch.tensor(poisoned, dtype=torch.bool), torch.tensor(index))
+    if isinstance(images[0], tuple):  # encoded bytes, decoded later on the device
+        return EncodedBatch([data for data, _ in images], images[0][1], *fields)
+    return Batch(torch.stack(images), *fields)
 
 
 class _SeededShuffle:
@@ -121,7 +149,13 @@ def corrupt_shard(exn: Exception) -> bool:
                      "in manifest.json and rebuild the shards (`mcci shards build`) if it differs") from exn
 
 
-def _decoding_stages(handler) -> list:
+DECODE_MODES = ("workers", "device")
+
+
+def _decoding_stages(handler, decode: str = "workers") -> list:
+    """Tar reading, then either decoding in the loader's workers (PIL) or passing encoded bytes on."""
+    if decode == "device":
+        return [wds.tarfile_to_samples(handler=handler)], [wds.map(_to_encoded_sample, handler=handler)]
     return [wds.tarfile_to_samples(handler=handler)], [
         wds.decode("torchrgb8", handler=handler),
         wds.map(_to_sample, handler=handler),
@@ -129,15 +163,16 @@ def _decoding_stages(handler) -> list:
 
 
 def train_loader(location: str, manifest: dict[str, Any], batch_size: int, steps: int, num_workers: int,
-                 shuffle_buffer: int, seed: int, epoch: int) -> wds.WebLoader:
-    """An endless seeded resample of the train shards, cut to ``steps`` full batches per process."""
+                 shuffle_buffer: int, seed: int, epoch: int, decode: str = "workers") -> wds.WebLoader:
+    """An endless seeded resample of the train shards, cut to ``steps`` full batches per process.
+    ``decode="device"`` yields ``EncodedBatch``es for ``pipeline.feed`` to decode."""
     urls = shard_urls(location, manifest, "train")
-    read, decode = _decoding_stages(corrupt_shard)
+    read, decoding = _decoding_stages(corrupt_shard, decode)
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, seed=make_seed(seed, epoch), deterministic=True),
         *read,
         _SeededShuffle(shuffle_buffer, seed, epoch),
-        *decode,
+        *decoding,
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
     workers = min(num_workers, len(urls)) if num_workers else 0
@@ -150,15 +185,15 @@ def train_loader(location: str, manifest: dict[str, Any], batch_size: int, steps
 
 
 def eval_loader(location: str, manifest: dict[str, Any], split: str, batch_size: int,
-                num_workers: int, limit: int | None = None, by_rank: bool = True) -> wds.WebLoader:
+                num_workers: int, limit: int | None = None, by_rank: bool = True, decode: str = "workers") -> wds.WebLoader:
     """Every sample of ``split`` once across all ranks, in shard order; ``limit`` stops early.
 
     ``by_rank=False`` gives every rank the whole split (for the reference, which must be the same
     on every rank).
     """
     urls = shard_urls(location, manifest, split)
-    read, decode = _decoding_stages(corrupt_shard)
-    stages = [wds.SimpleShardList(urls), *([wds.split_by_node] if by_rank else []), wds.split_by_worker, *read, *decode]
+    read, decoding = _decoding_stages(corrupt_shard, decode)
+    stages = [wds.SimpleShardList(urls), *([wds.split_by_node] if by_rank else []), wds.split_by_worker, *read, *decoding]
     if limit is not None:
         stages.append(wds.slice(limit))
     stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))

@@ -25,6 +25,7 @@ from pipeline.checkpoint import (MODEL_DIR, checkpoint_dirs, load_training_state
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.device import InputTransform, ModelInputs
 from pipeline.evaluate import set_model_reference
+from pipeline.feed import device_batches, resolve_decode
 from pipeline.flops import forward_flops
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.stream import load_manifest, steps_per_epoch, train_loader
@@ -44,7 +45,8 @@ def build_model(cfg: Config, num_classes: int, image_size: int, load_pretrained:
 
 def build_transform(cfg: Config, seed: int = 0) -> InputTransform:
     return InputTransform(cfg.data.mean, cfg.data.std, cfg.data.augment, cfg.spectrum.normalisation,
-                          cfg.spectrum.backend, with_spectra=cfg.train.defense == "mcci", seed=seed)
+                          cfg.spectrum.backend, with_spectra=cfg.train.defense == "mcci", seed=seed,
+                          channels_last=cfg.train.channels_last)
 
 
 def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -95,12 +97,17 @@ def train(cfg: Config) -> Path:
     model = build_model(cfg, manifest["num_classes"], manifest["image_size"])
     if accelerator.is_main_process:
         _describe(model, manifest["image_size"], accelerator)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile != "no":
+        model.compile(backend=cfg.train.compile)  # in place: parameter names and saved weights are unchanged
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps, total_steps)
     if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed sizes its buffers from this
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
     transform = build_transform(cfg, seed=cfg.train.seed * 1000 + accelerator.process_index)
+    decode = resolve_decode(cfg.data.decode, manifest["image_format"], accelerator.device)
 
     step, start_epoch = 0, 0
     if cfg.train.resume and checkpoint_dirs(out):
@@ -128,11 +135,10 @@ def train(cfg: Config) -> Path:
         model.train()
         loader = train_loader(cfg.data.shards, manifest, cfg.data.batch_size, steps, cfg.data.num_workers,
                               cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + accelerator.process_index,
-                              epoch=epoch)
+                              epoch=epoch, decode=decode)
         # After a mid-epoch resume, replay the epoch's seeded stream up to where the checkpoint was
         # taken: the data order (and so the result) matches an uninterrupted run.
-        for batch in itertools.islice(loader, step - epoch * steps, None):
-            batch = batch.to(accelerator.device)
+        for batch in device_batches(itertools.islice(loader, step - epoch * steps, None), accelerator.device):
             inputs = transform(batch.images, train=True)
             with accelerator.autocast():
                 loss = classification_loss(model, inputs, batch.labels)

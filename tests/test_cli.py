@@ -131,3 +131,22 @@ def test_lc_takes_its_clean_model_from_a_baseline_checkpoint(trained, tiny_shard
     bad = mcci("shards", "build", "--source", str(data), "--out", str(tmp_path / "lc2"), "--attack", "lc",
                "--param", f"surrogate_checkpoint={trained / 'mcci'}", "--trusted-count", "0", check=False)
     assert bad.returncode == 2 and "train.defense=none" in bad.stderr and not (tmp_path / "lc2").exists()
+
+
+def test_compile_device_decode_and_channels_last_compute_the_same_steps(tiny_shards, tmp_path):
+    """train.compile, data.decode=device and train.channels_last change how a step runs, not what it
+    computes. (Channels-last is compared without the AIN: dropout draws its mask in memory order, so
+    NHWC activations get other, equally random, masks.)"""
+    def losses(name: str, *extra: str) -> list[float]:
+        main(["train", f"data.shards={tiny_shards}", f"train.out={tmp_path / name}", *TINY_TRAIN, *extra])
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+
+    plain = losses("plain")
+    assert len(plain) == 5
+    assert losses("fast", "train.compile=aot_eager", "data.decode=device") == pytest.approx(plain, rel=1e-4)
+    assert losses("nhwc", "train.channels_last=true", "train.defense=none") == pytest.approx(
+        losses("nchw", "train.defense=none"), rel=1e-4)
+    # the saved weights keep their plain names, so eval loads them
+    main(["eval", "--checkpoint", str(tmp_path / "fast"), "--shards", str(tiny_shards), "--num-workers", "0",
+          "--device", "cpu", "--out", str(tmp_path / "m.json")])
+    assert json.loads((tmp_path / "m.json").read_text())["mcci"]["own"]["clean_acc"] >= 0

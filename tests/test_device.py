@@ -36,3 +36,67 @@ def test_transform_outputs_and_seeded_state():
     plain = t(images, train=False)
     torch.testing.assert_close(plain.images, images.float() / 127.5 - 1)
     assert InputTransform((0.5,) * 3, (0.5,) * 3, AugmentConfig(), "log", "torch", False)(images, False).spectra is None
+
+
+def _jpeg_and_png_shards(tmp_path):
+    from conftest import make_image_tree
+    from shards.build import BuildSpec, build_shards
+
+    data = make_image_tree(tmp_path / "data", classes=2, per_class=6, test_per_class=3)
+    built = {}
+    for fmt in ("png", "jpeg"):
+        out = tmp_path / fmt
+        build_shards(BuildSpec(source=str(data), out=str(out), poison_rate=0.2, image_format=fmt, trusted_count=0,
+                               shard_size=5), progress=False)
+        built[fmt] = out
+    return built
+
+
+def test_device_decode_gives_the_pixels_worker_decode_gives(tmp_path):
+    """decode="device" (workers pass bytes, torchvision decodes where the model runs) against PIL in the workers."""
+    from pipeline.feed import device_batches
+    from pipeline.stream import EncodedBatch, eval_loader, load_manifest
+
+    for fmt, location in _jpeg_and_png_shards(tmp_path).items():
+        manifest = load_manifest(str(location))
+        by_workers = list(device_batches(eval_loader(str(location), manifest, "train", 4, 0), torch.device("cpu")))
+        raw = list(eval_loader(str(location), manifest, "train", 4, 0, decode="device"))
+        assert all(isinstance(b, EncodedBatch) for b in raw)
+        on_device = list(device_batches(raw, torch.device("cpu")))
+        assert len(by_workers) == len(on_device) == 3
+        for a, b in zip(by_workers, on_device):
+            assert b.images.dtype == torch.uint8 and b.images.shape == a.images.shape
+            assert torch.equal(a.labels, b.labels) and torch.equal(a.indices, b.indices)
+            # both are libjpeg-turbo / libpng: the same pixels
+            assert torch.equal(a.images, b.images), fmt
+
+
+def test_device_decode_names_a_corrupt_image(tmp_path):
+    import pytest
+
+    from pipeline.feed import to_device
+    from pipeline.stream import EncodedBatch, ShardError
+
+    bad = EncodedBatch([torch.tensor([0xFF, 0xD8, 1, 2, 3], dtype=torch.uint8)], "jpg", torch.tensor([0]),
+                       torch.tensor([0]), torch.tensor([False]), torch.tensor([17]))
+    with pytest.raises(ShardError, match="cannot decode an image of samples \\[17\\]"):
+        to_device(bad, torch.device("cpu"))
+
+
+def test_auto_decode_is_the_device_for_jpeg_on_a_gpu_only():
+    from pipeline.feed import resolve_decode
+
+    assert resolve_decode("auto", "jpeg", torch.device("cuda")) == "device"
+    assert resolve_decode("auto", "png", torch.device("cuda")) == "workers"
+    assert resolve_decode("auto", "jpeg", torch.device("cpu")) == "workers"
+    assert resolve_decode("device", "png", torch.device("cpu")) == "device"
+
+
+def test_channels_last_inputs_hold_the_same_values():
+    cfg = AugmentConfig(hflip=False, translate=0.0)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    plain = InputTransform((0.5,) * 3, (0.5,) * 3, cfg, "log", "torch", True)(images, train=False)
+    nhwc = InputTransform((0.5,) * 3, (0.5,) * 3, cfg, "log", "torch", True, channels_last=True)(images, train=False)
+    assert nhwc.images.is_contiguous(memory_format=torch.channels_last)
+    assert nhwc.spectra.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain.images, nhwc.images) and torch.equal(plain.spectra, nhwc.spectra)
