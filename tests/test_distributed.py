@@ -5,6 +5,7 @@ torchrun with Accelerator(cpu=True) gives the real 2-rank group that a GPU clust
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,18 +85,36 @@ def test_resume_without_checkpoints_starts_fresh(tiny_shards, tmp_path):
     assert r.returncode == 0 and "resumed" not in r.stdout
 
 
-def test_deepspeed_zero2_through_accelerate_on_cpu(tiny_shards, tmp_path):
-    """One rank: on the CPU Accelerate's DeepSpeed path reports every torchrun rank as rank 0 of 1,
-    so several ranks need GPUs (see docs/SCALING.md)."""
+def _deepspeed_run(shards: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_DEEPSPEED": "true",
            "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(root / "configs" / "deepspeed" / "zero2.json")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "pipeline.train",
-           f"data.shards={tiny_shards}", f"train.out={tmp_path / 'ds'}", *TINY_TRAIN, "data.batch_size=4",
-           "train.cpu=false"]  # Accelerator(cpu=True) would drop the DeepSpeed plugin
+           f"data.shards={shards}", f"train.out={out}", *TINY_TRAIN, "data.batch_size=4",
+           "train.cpu=false", *extra]  # Accelerator(cpu=True) would drop the DeepSpeed plugin
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "ds" / "checkpoints" / "step-00000010" / "pytorch_model").is_dir()  # DeepSpeed's own layout
+    return r
+
+
+def test_deepspeed_zero2_through_accelerate_on_cpu_and_resume(tiny_shards, tmp_path):
+    """One rank: on the CPU Accelerate's DeepSpeed path reports every torchrun rank as rank 0 of 1,
+    so several ranks need GPUs (see docs/SCALING.md). A run resumed from a mid-run checkpoint (as
+    after a crash: checkpoints are complete or absent) ends with the uninterrupted run's weights."""
+    _deepspeed_run(tiny_shards, tmp_path / "ds", "train.epochs=2", "train.checkpoint_every=4",
+                   "train.keep_checkpoints=10")
+    checkpoints = tmp_path / "ds" / "checkpoints"
+    assert (checkpoints / "step-00000010" / "pytorch_model").is_dir()  # DeepSpeed's own layout
     assert (tmp_path / "ds" / "model" / "model.safetensors").is_file()
+    crashed = tmp_path / "crashed" / "checkpoints"
+    crashed.mkdir(parents=True)
+    shutil.copytree(checkpoints / "step-00000008", crashed / "step-00000008")  # mid-epoch 1 of 2
+    r = _deepspeed_run(tiny_shards, tmp_path / "crashed", "train.epochs=2", "train.checkpoint_every=4",
+                       "train.resume=true")
+    assert "resumed from step 8" in r.stdout
+    a = load_file(str(tmp_path / "ds" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "model" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
