@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.checkpoint import MODEL_DIR, WEIGHTS
 from shards.attacks.base import Attack, AttackContext
 from shards.errors import ShardBuildError
 
@@ -50,7 +49,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def _from_checkpoint(attack: Attack, context: AttackContext, dev: torch.device) -> PixelClassifier:
-    from pipeline.eval_job import load_trained  # lazy: pipeline imports shards, so not at module level
+    # Lazy: pipeline imports shards; shards reaches pipeline only here, to read a model it trained.
+    from pipeline.eval_job import load_trained
 
     model, cfg, meta = load_trained(attack.params["surrogate_checkpoint"], dev)
     if meta["defense"] != "none":
@@ -64,6 +64,8 @@ def _from_checkpoint(attack: Attack, context: AttackContext, dev: torch.device) 
 
 
 def _weights_file(checkpoint: str) -> Path:
+    from pipeline.checkpoint import MODEL_DIR, WEIGHTS
+
     d = Path(checkpoint)
     return d / MODEL_DIR / WEIGHTS if (d / MODEL_DIR / WEIGHTS).exists() else d / WEIGHTS
 
