@@ -99,7 +99,7 @@ def test_low_frequency_trigger_has_no_energy_above_its_cutoff():
 
     from shards.attacks.low_frequency import low_frequency_mask
 
-    attack = build_attack("lf", {}, 32, seed=0)
+    attack = build_attack("lf", {"optimise": False}, 32, seed=0)
     image = np.full((32, 32, 3), 128, np.uint8)
     delta = attack.apply(image, 0).astype(np.float64) - 128
     assert np.abs(delta).max() == pytest.approx(16, abs=0.5)
@@ -316,3 +316,30 @@ def test_all_to_all_relabels_y_to_y_plus_one(image_tree, tmp_path):
     with pytest.raises(ShardBuildError, match="clean-label"):
         build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "t"), attack="sig", mode="all-to-all"),
                      progress=False)
+
+
+def test_low_frequency_optimised_trigger_stays_in_band_and_helps_the_target(tmp_path):
+    import scipy.fft
+    import torch
+
+    from shards.attacks.low_frequency import low_frequency_mask
+    from shards.attacks.surrogate import to_tensor
+
+    context, pixels = array_context(tmp_path, size=16)
+    attack = build_attack("lf", {"steps": 30, "batch": 16, "lr": 0.2, **TINY_SURROGATE}, 16, seed=0)
+    random_pattern = attack.pattern.copy()
+    attack.prepare(context)
+    assert not np.allclose(attack.pattern, random_pattern)
+    assert np.abs(attack.pattern).max() == pytest.approx(16.0)
+    coefficients = scipy.fft.dctn(attack.pattern, axes=(0, 1), norm="ortho")
+    outside = ~low_frequency_mask(16, attack.cutoff)
+    outside[0, 0] = True  # the mean is not changed either
+    assert np.abs(coefficients[outside]).max() < 1e-6
+    from shards.attacks.surrogate import surrogate_classifier  # the same cached network the attack used
+    model = surrogate_classifier(build_attack("lf", {**TINY_SURROGATE}, 16, seed=0), context)
+    others = pixels[context.train_labels != 0]
+    with torch.no_grad():
+        def target_prob(p):
+            poisoned = np.stack([np.clip(np.rint(x + p), 0, 255).astype(np.uint8) for x in others])
+            return model(to_tensor(poisoned, torch.device("cpu"))).softmax(1)[:, 0].mean().item()
+        assert target_prob(attack.pattern) > target_prob(random_pattern)

@@ -1,18 +1,26 @@
-"""LF: a smooth, low-frequency additive trigger (after Zeng et al. 2021), an adaptive attack on a
+"""LF (Zeng et al. 2021): a smooth, low-frequency additive trigger, an adaptive attack on a
 spectrum-based defense: it has no energy above its cut-off frequency.
 
-The trigger is a seeded random pattern built in the DCT domain from coefficients (u, v) with
-u + v < cutoff only, transformed back to pixels and scaled to a peak of ``magnitude``. (BackdoorBench
-derives its LF pattern from a universal adversarial perturbation of a trained model; this version
-needs no model and keeps the defining property.)
+The trigger lives in the span of the DCT basis functions (u, v) with u + v < cutoff, scaled to a
+peak of ``magnitude`` (in 0..255 units), mean brightness unchanged. As in BackdoorBench, it is by
+default a universal adversarial perturbation: gradient steps on those coefficients drive the
+attacker's clean surrogate (shards/attacks/surrogate.py) towards the target class on clean
+non-target images, each step projected back to the peak bound. ``optimise: false`` gives a seeded
+random pattern of the same band instead (no model needed).
 """
 from __future__ import annotations
 
 import numpy as np
 import scipy.fft
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-from shards.attacks.base import Attack, register, to_pixels
+from shards.attacks.base import Attack, AttackContext, register, to_pixels
+from shards.attacks.surrogate import SURROGATE_DEFAULTS, surrogate_classifier, to_tensor
 from shards.errors import ShardBuildError
+
+POOL = 4096  # clean images the perturbation is optimised over
 
 
 def low_frequency_mask(size: int, cutoff: int) -> np.ndarray:
@@ -22,19 +30,58 @@ def low_frequency_mask(size: int, cutoff: int) -> np.ndarray:
 
 @register("lf")
 class LowFrequency(Attack):
-    defaults = {"cutoff_fraction": 0.125, "magnitude": 16.0}
+    defaults = {"cutoff_fraction": 0.125, "magnitude": 16.0, "optimise": True, "steps": 200, "lr": 0.05,
+                "batch": 128, **SURROGATE_DEFAULTS}
 
     def __init__(self, params, image_size, seed):
         super().__init__(params, image_size, seed)
         self.cutoff = max(2, int(round(float(self.params["cutoff_fraction"]) * image_size)))
         if self.cutoff > image_size:
             raise ShardBuildError(f"lf cutoff_fraction must be at most 1, got {self.params['cutoff_fraction']}")
-        coefficients = self.rng(0x1F).normal(size=(3, image_size, image_size))
-        coefficients *= low_frequency_mask(image_size, self.cutoff)[None]
-        coefficients[:, 0, 0] = 0.0  # no change of mean brightness
-        pattern = scipy.fft.idctn(coefficients, axes=(1, 2), norm="ortho")
-        self.pattern = (pattern * float(self.params["magnitude"]) / np.abs(pattern).max()).transpose(1, 2, 0)
+        self.band = low_frequency_mask(image_size, self.cutoff)
+        self.band[0, 0] = False  # no change of mean brightness
+        coefficients = self.rng(0x1F).normal(size=(3, image_size, image_size)) * self.band[None]
+        self.set_pattern(scipy.fft.idctn(coefficients, axes=(1, 2), norm="ortho"))
         self.params["resolved_cutoff"] = self.cutoff
+
+    def set_pattern(self, pattern: np.ndarray) -> None:
+        """[3, H, W] band-limited values, scaled to the peak ``magnitude``, stored as [H, W, 3]."""
+        self.pattern = (pattern * float(self.params["magnitude"]) / np.abs(pattern).max()).transpose(1, 2, 0)
+
+    def prepare(self, context: AttackContext) -> None:
+        if not self.params["optimise"]:
+            return
+        model = surrogate_classifier(self, context)
+        dev = next(model.parameters()).device
+        sources = context.clean_train[context.train_labels[context.clean_train] != context.target]
+        if len(sources) == 0:
+            raise ShardBuildError("lf needs clean non-target training images to optimise its trigger")
+        rng = self.rng(0x1F0)
+        pool = to_tensor(context.pixels("train", np.sort(rng.choice(sources, size=min(len(sources), POOL),
+                                                                    replace=False))), dev)
+        n = self.image_size
+        basis = torch.tensor(scipy.fft.dct(np.eye(n), norm="ortho", axis=0), dtype=torch.float32, device=dev)
+        band = torch.tensor(self.band, device=dev)
+        peak = float(self.params["magnitude"]) / 255.0
+        start = torch.tensor(self.pattern.transpose(2, 0, 1), dtype=torch.float32, device=dev) / 255.0
+        coefficients = (basis @ start @ basis.T).requires_grad_(True)  # the seeded pattern's DCT: in band
+        optimizer = torch.optim.Adam([coefficients], lr=float(self.params["lr"]) * peak)
+        target = torch.full((int(self.params["batch"]),), context.target, device=dev)
+
+        def pattern() -> torch.Tensor:
+            delta = basis.T @ (coefficients * band) @ basis  # inverse 2-D DCT of the in-band part
+            return delta * torch.clamp(peak / delta.abs().max(), max=1.0)  # projected onto the peak bound
+
+        for _ in tqdm(range(int(self.params["steps"])), desc="LF: optimising the trigger", disable=not context.progress):
+            chosen = torch.from_numpy(rng.choice(len(pool), size=min(len(pool), int(self.params["batch"])),
+                                                 replace=False)).to(dev)
+            loss = F.cross_entropy(model((pool[chosen] + pattern()).clamp(0, 1)), target[:len(chosen)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        in_band = (coefficients.detach() * band).cpu().numpy().astype(np.float64)
+        self.set_pattern(scipy.fft.idctn(in_band, axes=(1, 2), norm="ortho"))  # in float64: no leak out of band
+        self.params["resolved_target_loss"] = round(loss.item(), 4)
 
     def apply(self, image: np.ndarray, index: int) -> np.ndarray:
         return to_pixels(image.astype(np.float64) + self.pattern)
