@@ -28,12 +28,14 @@ CLEAN_LABEL_RATE = 0.08  # 80 % of the target class when it is a tenth of the da
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| attack | model | CA | ASR | RA | DER |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| attack | rate | model | CA | ASR | RA | DER | minutes |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         for label, m in (("baseline", r["baseline"]), ("MCCI own spectrum", r["mcci"]["own"]),
                          ("MCCI mind control", r["mcci"]["mind_control"])):
             der = f"{m['der']:.3f}" if "der" in m else ""
-            lines.append(f"| {r['attack']} | {label} | {m['clean_acc']:.3f} | {m['asr']:.3f} | {m['ra']:.3f} | {der} |")
+            minutes = f"{r['seconds'] / 60:.1f}" if label == "baseline" and "seconds" in r else ""
+            lines.append(f"| {r['attack']} | {r['poison_rate']} | {label} | {m['clean_acc']:.3f} | {m['asr']:.3f} | "
+                         f"{m['ra']:.3f} | {der} | {minutes} |")
     return "\n".join(lines)
 
 
