@@ -41,7 +41,7 @@ def device() -> torch.device:
 
 def to_tensor(pixels: np.ndarray, dev: torch.device) -> torch.Tensor:
     """[N, H, W, 3] uint8 -> [N, 3, H, W] float in [0, 1]."""
-    return torch.from_numpy(pixels).to(dev).permute(0, 3, 1, 2).float().div(255)
+    return torch.tensor(pixels, device=dev).permute(0, 3, 1, 2).float().div(255)  # a copy: PIL arrays are read-only
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
