@@ -278,7 +278,7 @@ def test_trojan_optimises_a_patch_towards_the_target(tmp_path):
 
 def test_issba_hides_a_code_with_a_different_bounded_perturbation_per_image(tmp_path):
     context, pixels = array_context(tmp_path, size=16)
-    attack = build_attack("issba", {"steps": 20, "batch": 8, "width": 8, "code_bits": 8}, 16, seed=0)
+    attack = build_attack("issba", {"steps": 400, "batch": 16, "width": 8, "code_bits": 8}, 16, seed=0)
     attack.prepare(context)
     path = tmp_path / "assets" / "issba_encoder.safetensors"
     assert path.is_file() and "encoder" in attack.assets
@@ -289,7 +289,8 @@ def test_issba_hides_a_code_with_a_different_bounded_perturbation_per_image(tmp_
     reloaded = build_attack("issba", {"encoder_file": str(path)}, 16, seed=0)
     assert reloaded.params["code_bits"] == 8
     np.testing.assert_array_equal(reloaded.apply(pixels[3], 3), attack.apply(pixels[3], 3))
-    assert 0 <= attack.params["resolved_bit_accuracy"] <= 1
+    assert attack.params["resolved_bit_accuracy"] >= 0.9  # the decoder reads the code back from stored images
+    assert 0.5 < attack.params["resolved_mean_abs_change"] < 16
 
 
 def test_all_to_all_relabels_y_to_y_plus_one(image_tree, tmp_path):

@@ -28,18 +28,24 @@ CODE_GRID = 8  # the code is written onto an 8x8 map, upsampled to the image
 
 
 class StegaEncoder(nn.Module):
+    """Residual = max_residual * tanh(code plane + image-dependent correction). The code plane alone
+    makes the code readable from the first step; the correction (zero at the start) learns to shape
+    the residual to each image, which makes every poisoned image's perturbation different."""
+
     def __init__(self, code_bits: int, width: int, max_residual: float):
         super().__init__()
         self.max_residual = max_residual
-        self.code_map = nn.Linear(code_bits, CODE_GRID * CODE_GRID)
-        self.net = nn.Sequential(nn.Conv2d(4, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
-                                 nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 3, 1))
+        self.code_map = nn.Linear(code_bits, 3 * CODE_GRID * CODE_GRID)
+        self.net = nn.Sequential(nn.Conv2d(6, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+                                 nn.ReLU(), nn.Conv2d(width, 3, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, images: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] in [0, 1] and [N, bits] in {0, 1} -> the encoded images in [0, 1]."""
-        plane = self.code_map(code * 2 - 1).view(-1, 1, CODE_GRID, CODE_GRID)
+        plane = self.code_map(code * 2 - 1).view(-1, 3, CODE_GRID, CODE_GRID)
         plane = F.interpolate(plane, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        residual = torch.tanh(self.net(torch.cat([images * 2 - 1, plane], 1))) * self.max_residual
+        residual = torch.tanh(plane + self.net(torch.cat([images * 2 - 1, plane], 1))) * self.max_residual
         return (images + residual).clamp(0, 1)
 
 
@@ -58,8 +64,8 @@ class StegaDecoder(nn.Module):
 
 @register("issba")
 class ISSBA(Attack):
-    defaults = {"encoder_file": None, "code_bits": 32, "width": 32, "max_residual": 16 / 255, "l2_weight": 10.0,
-                "steps": 1500, "batch": 64, "lr": 1e-3, "max_images": 20000}
+    defaults = {"encoder_file": None, "code_bits": 32, "width": 16, "max_residual": 16 / 255, "l2_weight": 3.0,
+                "steps": 1000, "batch": 32, "lr": 2e-3, "max_images": 20000}
 
     def __init__(self, params, image_size, seed):
         super().__init__(params, image_size, seed)
