@@ -17,10 +17,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from shards.attacks.base import Attack, AttackContext, register, to_pixels
-from shards.attacks.surrogate import SURROGATE_DEFAULTS, surrogate_classifier, to_tensor
+from shards.attacks.surrogate import SURROGATE_DEFAULTS, non_target_pool, surrogate_classifier
 from shards.errors import ShardBuildError
-
-POOL = 4096  # clean images the perturbation is optimised over
 
 
 def low_frequency_mask(size: int, cutoff: int) -> np.ndarray:
@@ -53,12 +51,8 @@ class LowFrequency(Attack):
             return
         model = surrogate_classifier(self, context)
         dev = next(model.parameters()).device
-        sources = context.clean_train[context.train_labels[context.clean_train] != context.target]
-        if len(sources) == 0:
-            raise ShardBuildError("lf needs clean non-target training images to optimise its trigger")
         rng = self.rng(0x1F0)
-        pool = to_tensor(context.pixels("train", np.sort(rng.choice(sources, size=min(len(sources), POOL),
-                                                                    replace=False))), dev)
+        pool = non_target_pool(self, context, dev, rng)
         n = self.image_size
         basis = torch.tensor(scipy.fft.dct(np.eye(n), norm="ortho", axis=0), dtype=torch.float32, device=dev)
         band = torch.tensor(self.band, device=dev)

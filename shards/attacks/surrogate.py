@@ -18,6 +18,7 @@ from tqdm import tqdm
 from shards.attacks.base import Attack, AttackContext
 from shards.errors import ShardBuildError
 
+POOL = 4096  # clean images a universal trigger (Trojan's patch, LF's pattern) is optimised over
 SURROGATE_DEFAULTS: dict[str, Any] = {"surrogate_checkpoint": None, "surrogate_arch": "resnet18_cifar",
                                       "surrogate_epochs": 10, "surrogate_max_images": 20000, "surrogate_batch": 128}
 
@@ -46,6 +47,14 @@ def to_tensor(pixels: np.ndarray, dev: torch.device) -> torch.Tensor:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.mul(255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def non_target_pool(attack: Attack, context: AttackContext, dev: torch.device, rng: np.random.Generator) -> torch.Tensor:
+    """Up to ``POOL`` clean training images of classes other than the target, [N, 3, H, W] in [0, 1]."""
+    sources = context.clean_train[context.train_labels[context.clean_train] != context.target]
+    if len(sources) == 0:
+        raise ShardBuildError(f"{attack.name} needs clean non-target training images to optimise its trigger")
+    return to_tensor(context.pixels("train", np.sort(rng.choice(sources, size=min(len(sources), POOL), replace=False))), dev)
 
 
 def _from_checkpoint(attack: Attack, context: AttackContext, dev: torch.device) -> PixelClassifier:

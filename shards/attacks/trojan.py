@@ -17,10 +17,7 @@ from tqdm import tqdm
 
 from shards.attacks.base import AttackContext, register
 from shards.attacks.custom import CustomTrigger
-from shards.attacks.surrogate import SURROGATE_DEFAULTS, surrogate_classifier, to_tensor, to_uint8
-from shards.errors import ShardBuildError
-
-POOL = 4096  # clean images the patch is optimised over
+from shards.attacks.surrogate import SURROGATE_DEFAULTS, non_target_pool, surrogate_classifier, to_uint8
 
 
 @register("trojan")
@@ -44,12 +41,8 @@ class Trojan(CustomTrigger):
             return
         model = surrogate_classifier(self, context)
         dev = next(model.parameters()).device
-        sources = context.clean_train[context.train_labels[context.clean_train] != context.target]
-        if len(sources) == 0:
-            raise ShardBuildError("trojan needs clean non-target training images to optimise its patch")
         rng = self.rng(0x7706)
-        pool = np.sort(rng.choice(sources, size=min(len(sources), POOL), replace=False))
-        pool_images = to_tensor(context.pixels("train", pool), dev)
+        pool = non_target_pool(self, context, dev, rng)
         ph, pw = self.patch.shape[:2]
         mask = torch.tensor(self.mask, dtype=torch.float32, device=dev).view(1, 1, ph, pw) * self.alpha
         logit = torch.logit(torch.tensor(self.patch, dtype=torch.float32, device=dev).permute(2, 0, 1)[None] / 255,
@@ -59,7 +52,7 @@ class Trojan(CustomTrigger):
         r, c = self.row, self.col
         for _ in tqdm(range(int(self.params["steps"])), desc="trojan: optimising the patch", disable=not context.progress):
             chosen = torch.from_numpy(rng.choice(len(pool), size=min(len(pool), int(self.params["batch"])), replace=False))
-            images = pool_images[chosen.to(dev)]
+            images = pool[chosen.to(dev)]
             window = images[:, :, r:r + ph, c:c + pw]
             stamped = images.clone()
             stamped[:, :, r:r + ph, c:c + pw] = (1 - mask) * window + mask * torch.sigmoid(logit)
