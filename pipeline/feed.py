@@ -13,12 +13,12 @@ from typing import Iterable, Iterator
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
+from pipeline.stream import Batch, EncodedBatch, ShardError
+
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they remain the
 # batched nvJPEG path that torch wheels ship with, so the warning is silenced here, once.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
-
-from pipeline.stream import Batch, EncodedBatch, ShardError
 
 
 def resolve_decode(decode: str, image_format: str, device: torch.device) -> str:
