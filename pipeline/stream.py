@@ -149,9 +149,6 @@ def corrupt_shard(exn: Exception) -> bool:
                      "in manifest.json and rebuild the shards (`mcci shards build`) if it differs") from exn
 
 
-DECODE_MODES = ("workers", "device")
-
-
 def _decoding_stages(handler, decode: str = "workers") -> list:
     """Tar reading, then either decoding in the loader's workers (PIL) or passing encoded bytes on."""
     if decode == "device":

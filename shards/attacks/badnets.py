@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shards.attacks.base import Attack, register
+from shards.attacks.base import Attack, register, stamp
 
 # The reference 3x3 pattern for 32 px images, on every channel.
 REFERENCE_PATTERN = np.array([[255, 0, 255], [0, 0, 0], [255, 0, 255]], dtype=np.uint8)
@@ -33,9 +33,7 @@ class BadNets(Attack):
         ph, pw = self.patch.shape[:2]
         self.params["resolved_position"] = [self.row, self.col]
         self.params["resolved_patch_shape"] = [ph, pw]
+        self.opaque = np.ones((ph, pw))
 
     def apply(self, image: np.ndarray, index: int) -> np.ndarray:
-        out = image.copy()
-        ph, pw = self.patch.shape[:2]
-        out[self.row:self.row + ph, self.col:self.col + pw] = self.patch
-        return out
+        return stamp(image, self.patch, self.opaque, 1.0, self.row, self.col)
