@@ -124,9 +124,11 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rows = [bench_model(name, args, device) for name in args.models]
-    write_result("train_step", {"device": device.type, "batch": args.batch, "precision": args.precision,
-                                "size": args.size, "compile": args.compile, "channels_last": args.channels_last,
-                                "peak_tflops": args.peak_tflops, "rows": rows}, args.out)
+    result = {"device": device.type, "batch": args.batch, "precision": args.precision, "size": args.size,
+              "compile": args.compile, "channels_last": args.channels_last, "rows": rows}
+    if device.type == "cuda":  # MFU is only computed against a GPU's peak
+        result["peak_tflops"] = args.peak_tflops
+    write_result("train_step", result, args.out)
 
 
 if __name__ == "__main__":
