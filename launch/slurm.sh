@@ -13,6 +13,9 @@ MAIN_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 MAIN_PORT="${MAIN_PORT:-29500}"
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-configs/accelerate/ddp_multinode.yaml}"
 mkdir -p logs
+# Quoted once here so that overrides with spaces or brackets reach pipeline.train intact.
+OVERRIDES=""
+if [ $# -gt 0 ]; then OVERRIDES="$(printf ' %q' "$@")"; fi
 # --kill-on-bad-exit: when one node's process dies, SLURM ends the others instead of leaving them
 # blocked in a collective until the NCCL timeout.
 srun --kill-on-bad-exit=1 bash -c "accelerate launch \
@@ -23,4 +26,4 @@ srun --kill-on-bad-exit=1 bash -c "accelerate launch \
   --main_process_ip $MAIN_ADDR \
   --main_process_port $MAIN_PORT \
   --max_restarts ${MAX_RESTARTS:-0} \
-  -m pipeline.train --config $CONFIG train.resume=true $*"
+  -m pipeline.train --config $(printf %q "$CONFIG") train.resume=true$OVERRIDES"

@@ -154,7 +154,9 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/off as false: `train.compile=no` means "no"
+            return "yes" if value else "no"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{key} must be a string, got {value!r}")
     return value

@@ -37,6 +37,13 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("a=null") == {"a": None}
 
 
+def test_bare_no_means_the_string_no_for_text_keys():
+    cfg = load_config(None, ["train.mixed_precision=no", "train.compile=no"])
+    assert (cfg.train.mixed_precision, cfg.train.compile) == ("no", "no")
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config(None, ["train.mixed_precision=yes"])
+
+
 def test_shipped_configs_load():
     from pathlib import Path
 

@@ -32,8 +32,14 @@ def test_two_ranks_uneven_shards_train_and_eval_exactly(tiny_shards, tmp_path):
     manifest = json.loads((tiny_shards / "manifest.json").read_text())
     assert len(manifest["splits"]["train"]["shards"]) % 2 == 1  # 5 shards over 2 ranks
     out = tmp_path / "run"
-    torchrun(2, "-m", "pipeline.train", f"data.shards={tiny_shards}", f"train.out={out}", *TINY_TRAIN,
-             "data.batch_size=4", "train.epochs=2")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "NPROC": "2", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the venv's torchrun
+    trained = subprocess.run(["bash", str(root / "launch" / "local.sh"), str(root / "configs" / "cifar10_resnet18.yaml"),
+                              f"data.shards={tiny_shards}", f"train.out={out}", *TINY_TRAIN, "data.augment.translate=0",
+                              "data.batch_size=4", "train.epochs=2", "train.mixed_precision=no"],
+                             capture_output=True, text=True, timeout=240, env=env)
+    assert trained.returncode == 0, trained.stderr[-4000:]
     state = json.loads(sorted((out / "checkpoints").glob("step-*/trainer.json"))[-1].read_text())
     assert state["step"] == 2 * (42 // (4 * 2))  # both ranks took the same steps, no hang
     one = tmp_path / "one.json"
