@@ -6,6 +6,11 @@ epoch whatever the shard count: no DDP hang when shards do not divide evenly.
 
 Evaluation reads each shard of a split exactly once across ranks (shards are split by rank, then
 by worker), so counts summed over ranks cover every sample once with no padding duplicates.
+
+These loaders are deliberately not passed to ``accelerator.prepare``: each rank already reads its
+own part of the data, whereas Accelerate's ``dispatch_batches`` (its default for iterable datasets)
+would have rank 0 read and decode every batch and broadcast slices, a bottleneck at scale, and its
+even-batches padding would duplicate evaluation samples.
 """
 from __future__ import annotations
 
