@@ -67,6 +67,20 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
+def _audit(args: argparse.Namespace) -> None:
+    from pipeline.audit import audit
+
+    summary = audit(args.checkpoint, args.shards, args.out, args.split, args.batch_size, args.num_workers, args.device)
+    if summary is None:  # not the main process
+        return
+    line = f"{summary['flagged']} of {summary['samples']} {args.split} samples flagged"
+    truth = summary.get("recorded_poisoned")
+    if truth:
+        line += (f"; of the {truth['count']} recorded as poisoned, {truth['flagged']} flagged (precision "
+                 f"{truth['precision']:.3f}, recall {truth['recall']:.3f}, AUROC {truth['auroc']:.3f})")
+    print(f"{line}\nwrote {args.out}/audit.json, samples.jsonl (most suspicious first), scores.png")
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from pipeline.quickstart import quickstart
 
@@ -122,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-workers", type=int, default=2)
     e.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     e.set_defaults(func=_eval)
+
+    a = sub.add_parser("audit", help="flag training samples whose label only the AIN explains (likely poisoned)")
+    a.add_argument("--checkpoint", required=True, help="the out folder of `mcci train` with train.defense=mcci")
+    a.add_argument("--shards", required=True, help="the shard folder it was trained on")
+    a.add_argument("--out", required=True, help="folder for audit.json, samples.jsonl and scores.png")
+    a.add_argument("--split", default="train", help="split to audit (default: train)")
+    a.add_argument("--batch-size", type=int, default=256)
+    a.add_argument("--num-workers", type=int, default=2)
+    a.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    a.set_defaults(func=_audit)
 
     q = sub.add_parser("quickstart", help="offline end-to-end demo on embedded data (CPU, minutes)")
     q.add_argument("--out", default="runs/quickstart")

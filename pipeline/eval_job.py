@@ -38,6 +38,15 @@ def load_trained(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn
     return model.to(device).eval(), cfg, meta
 
 
+def load_matching_manifest(shards: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The shard folder's manifest, if its classes and image size are the model's."""
+    manifest = load_manifest(shards)
+    if manifest["num_classes"] != meta["num_classes"] or manifest["image_size"] != meta["image_size"]:
+        raise EvalError(f"{shards} has {manifest['num_classes']} classes at {manifest['image_size']} px; the model "
+                        f"expects {meta['num_classes']} at {meta['image_size']} px")
+    return manifest
+
+
 def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[str] = (),
                         batch_size: int = 256, num_workers: int = 2, device: str | None = None) -> dict[str, Any]:
     """Metrics of a saved model: ``{"baseline": {...}}`` or ``{"mcci": {"own", "mind_control"}}``;
@@ -49,10 +58,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[st
     state = PartialState(cpu=device == "cpu")
     dev = torch.device(device) if device and state.num_processes == 1 else state.device
     model, cfg, meta = load_trained(checkpoint, dev)
-    manifest = load_manifest(shards)
-    if manifest["num_classes"] != meta["num_classes"] or manifest["image_size"] != meta["image_size"]:
-        raise EvalError(f"{shards} has {manifest['num_classes']} classes at {manifest['image_size']} px; the model "
-                        f"expects {meta['num_classes']} at {meta['image_size']} px")
+    manifest = load_matching_manifest(shards, meta)
     transform = build_transform(cfg)
     def run(modes: tuple[str, ...] | None = None) -> dict[str, Any]:
         return evaluate(model, shards, manifest, transform, dev, batch_size, num_workers, modes=modes,

@@ -51,6 +51,17 @@ def test_two_ranks_uneven_shards_train_and_eval_exactly(tiny_shards, tmp_path):
              "--num-workers", "0", "--device", "cpu", "--batch-size", "5")
     assert json.loads(one.read_text())["mcci"] == json.loads(two.read_text())["mcci"]
 
+    audit = ["-m", "pipeline.cli", "audit", "--checkpoint", str(out), "--shards", str(tiny_shards), "--num-workers", "0",
+             "--device", "cpu", "--batch-size", "5", "--out"]
+    subprocess.run([sys.executable, *audit, str(tmp_path / "audit1")], check=True, capture_output=True)
+    torchrun(2, *audit, str(tmp_path / "audit2"))
+    alone, shared = ({r["index"]: r for r in map(json.loads, (tmp_path / d / "samples.jsonl").read_text().splitlines())}
+                     for d in ("audit1", "audit2"))
+    assert alone.keys() == shared.keys() and len(alone) == 42  # every training sample once across ranks
+    for index, r in alone.items():
+        assert r["flagged"] == shared[index]["flagged"]
+        assert r["score"] == pytest.approx(shared[index]["score"], abs=1e-4)
+
 
 def _train_cmd(shards: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.train", f"data.shards={shards}", f"train.out={out}", *TINY_TRAIN,
