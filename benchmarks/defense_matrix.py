@@ -8,7 +8,7 @@
 An attack is ``NAME`` (all-to-one, target 0) or ``NAME:all-to-all``; ``--attack-params FILE`` is a
 YAML mapping of attack name to parameters (default: the registry's BackdoorBench defaults). Writes
 ``<out>/defense_matrix.json`` and ``<out>/defense_matrix.md`` (CA / ASR / RA / DER per attack and
-mode). Each attack's experiment lives in ``<out>/<attack>/`` and resumes where it stopped.
+mode, and the AUROC of `mcci audit` against the recorded poison). Each attack's experiment lives in ``<out>/<attack>/`` and resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -28,14 +28,17 @@ CLEAN_LABEL_RATE = 0.08  # 80 % of the target class when it is a tenth of the da
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| attack | rate | model | CA | ASR | RA | DER | minutes |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| attack | rate | model | CA | ASR | RA | DER | audit AUROC | minutes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        truth = (r.get("audit") or {}).get("recorded_poisoned")  # absent in metrics written before the audit
         for label, m in (("baseline", r["baseline"]), ("MCCI own spectrum", r["mcci"]["own"]),
                          ("MCCI mind control", r["mcci"]["mind_control"])):
             der = f"{m['der']:.3f}" if "der" in m else ""
+            auroc = f"{truth['auroc']:.3f}" if truth and label == "MCCI mind control" else ""
             minutes = f"{r['seconds'] / 60:.1f}" if label == "baseline" and "seconds" in r else ""
             lines.append(f"| {r['attack']} | {r['poison_rate']} | {label} | {m['clean_acc']:.3f} | {m['asr']:.3f} | "
-                         f"{m['ra']:.3f} | {der} | {minutes} |")
+                         f"{m['ra']:.3f} | {der} | {auroc} | {minutes} |")
     return "\n".join(lines)
 
 

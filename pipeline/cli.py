@@ -69,16 +69,11 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _audit(args: argparse.Namespace) -> None:
     from pipeline.audit import audit
+    from pipeline.report import format_audit
 
     summary = audit(args.checkpoint, args.shards, args.out, args.split, args.batch_size, args.num_workers, args.device)
-    if summary is None:  # not the main process
-        return
-    line = f"{summary['flagged']} of {summary['samples']} {args.split} samples flagged"
-    truth = summary.get("recorded_poisoned")
-    if truth:
-        line += (f"; of the {truth['count']} recorded as poisoned, {truth['flagged']} flagged (precision "
-                 f"{truth['precision']:.3f}, recall {truth['recall']:.3f}, AUROC {truth['auroc']:.3f})")
-    print(f"{line}\nwrote {args.out}/audit.json, samples.jsonl (most suspicious first), scores.png")
+    if summary is not None:  # the main process
+        print(f"{format_audit(summary)}\nwrote {args.out}/audit.json, samples.jsonl (most suspicious first), scores.png")
 
 
 def _quickstart(args: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
-"""One defense experiment: shards for an attack -> baseline and MCCI on them -> metrics with DER.
+"""One defense experiment: shards for an attack -> baseline and MCCI on them -> metrics with DER,
+and the audit of the MCCI model's training set.
 
 ``mcci quickstart`` and ``benchmarks/defense_matrix.py`` are this function with other arguments.
 Each stage is skipped when its output already exists, so an interrupted experiment continues.
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.audit import audit
 from pipeline.config import load_config
 from pipeline.eval_job import evaluate_checkpoint
 from pipeline.report import add_der, write_json
@@ -43,6 +45,7 @@ def run_experiment(out: str | Path, shards: BuildSpec, config: str | None = None
     baseline = evaluate_checkpoint(runs["baseline"], str(shard_dir), num_workers=num_workers)
     mcci = evaluate_checkpoint(runs["mcci"], str(shard_dir), list(references), num_workers=num_workers)
     results = add_der({**baseline, **mcci}, baseline["baseline"])
+    results["audit"] = audit(runs["mcci"], str(shard_dir), out / "audit", num_workers=num_workers)
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_json(out / "metrics.json", results)
     return results

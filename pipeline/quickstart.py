@@ -2,7 +2,8 @@
 
 Embedded data (scikit-learn's UCI handwritten digits, 10 classes, 32 px) -> BadNets shards
 (10 %, target 0) -> the undefended baseline and MCCI, trained on the same shards -> metrics of
-both, with DER, in ``<out>/metrics.json`` and as a table.
+both, with DER, in ``<out>/metrics.json`` and as a table, and the audit of the training set in
+``<out>/audit``.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.experiment import run_experiment
-from pipeline.report import format_table
+from pipeline.report import format_audit, format_table
 from shards.build import BuildSpec
 
 QUICKSTART_SOURCE = "embedded:digits"
@@ -41,5 +42,6 @@ QUICKSTART_SHARDS = BuildSpec(source=QUICKSTART_SOURCE, out="", attack="badnets"
 def quickstart(out: str | Path = "runs/quickstart", epochs: int = 12) -> dict[str, Any]:
     results = run_experiment(out, QUICKSTART_SHARDS, overrides=[*QUICKSTART_OVERRIDES, f"train.epochs={epochs}"])
     print(format_table(results))
+    print(format_audit(results["audit"]))
     print(f"wrote {Path(out) / 'metrics.json'} ({results['seconds']} s)")
     return results

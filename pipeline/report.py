@@ -33,6 +33,16 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_audit(summary: dict[str, Any]) -> str:
+    """One line: how many samples `mcci audit` flagged and, where recorded, how many were poisoned."""
+    line = f"audit: {summary['flagged']} of {summary['samples']} {summary['split']} samples flagged"
+    truth = summary.get("recorded_poisoned")
+    if truth:
+        line += (f"; of the {truth['count']} recorded as poisoned, {truth['flagged']} flagged (precision "
+                 f"{truth['precision']:.3f}, recall {truth['recall']:.3f}, AUROC {truth['auroc']:.3f})")
+    return line
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Atomic: a reader never sees a half-written file."""
     path = Path(path)
