@@ -44,3 +44,19 @@ def tiny_shards(tmp_path_factory) -> Path:
     build_shards(BuildSpec(source=str(root / "data"), out=str(out), poison_rate=0.2, shard_size=9,
                            trusted_count=6), progress=False)
     return out
+
+
+TINY_TRAIN = ["data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=20", "train.epochs=1",
+              "train.cpu=true", "model.sfrn=mcci_convnet_tiny", "model.ain_widths=[8,8,8]", "reference.count=4",
+              "train.log_every=1"]
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_shards, tmp_path_factory) -> Path:
+    """A tiny undefended baseline and a tiny MCCI run on tiny_shards (read-only for tests)."""
+    from pipeline.cli import main
+
+    out = tmp_path_factory.mktemp("runs")
+    main(["train", f"data.shards={tiny_shards}", f"train.out={out / 'baseline'}", "train.defense=none", *TINY_TRAIN])
+    main(["train", f"data.shards={tiny_shards}", f"train.out={out / 'mcci'}", *TINY_TRAIN])
+    return out

@@ -10,7 +10,6 @@ from pipeline.cli import main
 from pipeline.eval_job import load_trained
 from pipeline.stream import eval_loader, load_manifest
 from pipeline.train import build_transform
-from test_cli import trained  # noqa: F401  (module fixture: a tiny baseline and a tiny MCCI run)
 
 
 def test_score_is_the_label_log_probability_the_own_spectrum_adds(trained, tiny_shards):

@@ -5,11 +5,8 @@ import sys
 
 import pytest
 
+from conftest import TINY_TRAIN
 from pipeline.cli import main
-
-TINY_TRAIN = ["data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=20", "train.epochs=1",
-              "train.cpu=true", "model.sfrn=mcci_convnet_tiny", "model.ain_widths=[8,8,8]", "reference.count=4",
-              "train.log_every=1"]
 
 
 def mcci(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -17,14 +14,6 @@ def mcci(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise AssertionError(result.stderr[-3000:])
     return result
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    main(["train", f"data.shards={tiny_shards}", f"train.out={out / 'baseline'}", "train.defense=none", *TINY_TRAIN])
-    main(["train", f"data.shards={tiny_shards}", f"train.out={out / 'mcci'}", *TINY_TRAIN])
-    return out
 
 
 def test_train_writes_model_checkpoint_and_log(trained):

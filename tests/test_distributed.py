@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_cli import TINY_TRAIN
+from conftest import TINY_TRAIN
 
 
 def torchrun(n: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:

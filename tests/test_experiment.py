@@ -3,7 +3,7 @@ import json
 
 from pipeline.experiment import run_experiment
 from shards.build import BuildSpec
-from test_cli import TINY_TRAIN
+from conftest import TINY_TRAIN
 
 
 def test_experiment_writes_metrics_and_audit_then_reuses_them(image_tree, tmp_path):
