@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import yaml
@@ -76,6 +77,19 @@ def _audit(args: argparse.Namespace) -> None:
         print(f"{format_audit(summary)}\nwrote {args.out}/audit.json, samples.jsonl (most suspicious first), scores.png")
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from pipeline.predict import predict
+    from pipeline.report import write_text
+
+    records = predict(args.checkpoint, args.images, args.top_k, args.batch_size, args.device)
+    if args.out:
+        write_text(args.out, "".join(json.dumps(r) + "\n" for r in records))
+        print(f"wrote {len(records)} predictions to {args.out}")
+        return
+    for r in records:
+        print(r["path"] + "\t" + ", ".join(f"{p['name']} {p['probability']:.3f}" for p in r["predictions"]))
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from pipeline.quickstart import quickstart
 
@@ -142,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     a.set_defaults(func=_audit)
 
+    pr = sub.add_parser("predict", help="classify image files (MCCI models under mind control)")
+    pr.add_argument("--checkpoint", required=True, help="the out folder of `mcci train` (or its model/)")
+    pr.add_argument("images", nargs="+", help="image files or folders of them (searched recursively)")
+    pr.add_argument("--top-k", type=int, default=1)
+    pr.add_argument("--out", help="JSONL file to write (default: print a line per image)")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    pr.set_defaults(func=_predict)
+
     q = sub.add_parser("quickstart", help="offline end-to-end demo on embedded data (CPU, minutes)")
     q.add_argument("--out", default="runs/quickstart")
     q.add_argument("--epochs", type=int, default=12)
@@ -153,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except BrokenPipeError:  # output piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except USER_ERRORS as e:
         print(f"mcci {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
