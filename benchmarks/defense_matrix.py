@@ -7,7 +7,7 @@
 
 An attack is ``NAME`` (all-to-one, target 0) or ``NAME:all-to-all``; ``--attack-params FILE`` is a
 YAML mapping of attack name to parameters (default: the registry's BackdoorBench defaults). Writes
-``<out>/defense_matrix.json`` and ``<out>/defense_matrix.md`` (CA / ASR / RA / DER per attack and
+``<out>/defense_matrix.json``, ``<out>/defense_matrix.md`` and ``<out>/defense_matrix.png`` (CA / ASR / RA / DER per attack and
 mode, and the AUROC of `mcci audit` against the recorded poison). Each attack's experiment lives in ``<out>/<attack>/`` and resumes where it stopped.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import yaml
 
 from benchmarks.common import write_result
 from pipeline.experiment import run_experiment
+from pipeline.plots import plot_defense_matrix
 from pipeline.quickstart import QUICKSTART_OVERRIDES, QUICKSTART_SOURCE
 from shards.attacks import ATTACKS
 from shards.build import MODES, BuildSpec
@@ -77,6 +78,7 @@ def main() -> None:
     print(markdown)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "defense_matrix.md").write_text(markdown + "\n")
+    plot_defense_matrix(rows, Path(args.out) / "defense_matrix.png")
     write_result("defense_matrix", {"source": args.source, "max_train": args.max_train, "epochs": args.epochs,
                                     "attack_params_file": args.attack_params,
                                     "config": args.config,

@@ -85,11 +85,9 @@ def summarise(rows: torch.Tensor) -> dict[str, Any]:
 
 
 def plot_scores(rows: torch.Tensor, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from pipeline.plots import plt, save_figure
 
     score = rows[:, COLUMNS.index("score")].numpy()
     poisoned = rows[:, COLUMNS.index("poisoned")].numpy() > 0
@@ -102,10 +100,7 @@ def plot_scores(rows: torch.Tensor, path: Path) -> None:
     ax.set_ylabel("training samples")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def audit(checkpoint: str | Path, shards: str, out: str | Path, split: str = "train", batch_size: int = 256,

@@ -7,19 +7,15 @@ poisoned and clean test images, over up to ``pairs`` pairs.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")  # files only: no display on cluster nodes
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from pipeline.spectra import spectrum  # noqa: E402
-from pipeline.stream import Batch, eval_loader, load_manifest  # noqa: E402
+from pipeline.plots import plt, save_figure
+from pipeline.spectra import spectrum
+from pipeline.stream import Batch, eval_loader, load_manifest
 
 
 def _read(location: str, manifest: dict[str, Any], split: str, limit: int | None) -> Batch:
@@ -91,8 +87,4 @@ def preview(location: str, out: str | Path | None = None, count: int = 8, pairs:
                       if not k.startswith("resolved_") and v is not None)
     fig.suptitle(f"{attack['name']} ({manifest.get('mode', 'all-to-one')}, target {manifest['target']}, poison rate "
                  f"{manifest['poison_rate']}): {shown}"[:200], fontsize=9)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out, dpi=110)

@@ -169,6 +169,9 @@ def train(cfg: Config) -> Path:
     bar.close()
     if log:
         log.close()
+        from pipeline.plots import TRAIN_CURVES, plot_training_log
+
+        plot_training_log(out / TRAIN_LOG, out / TRAIN_CURVES)
     return save_trained_model(accelerator, model, cfg, manifest, transform)
 
 

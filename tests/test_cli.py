@@ -23,6 +23,7 @@ def test_train_writes_model_checkpoint_and_log(trained):
     assert meta["reference"] == {"kind": "feature", "source": "trusted", "count": 4, "shards_manifest_seed": 0,
                                  "attack": "badnets"}
     assert meta["class_names"] == ["class_0", "class_1", "class_2"]
+    assert (trained / "mcci" / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
     log = [json.loads(line) for line in (trained / "mcci" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]  # 42 samples // 8 = 5 steps
     state = json.loads(next((trained / "mcci" / "checkpoints").glob("step-*/trainer.json")).read_text())

@@ -1,0 +1,68 @@
+"""Figures: training curves, the defense matrix, and the one way every PNG here is written.
+
+Matplotlib runs headless (Agg): cluster nodes have no display. Every figure is written to a
+temporary file and renamed, so a reader never sees half a PNG.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+TRAIN_CURVES = "train_curves.png"
+
+
+def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_training_log(log_path: str | Path, out: str | Path) -> Path | None:
+    """Loss, learning rate, throughput and gradient norm against step, from ``train_log.jsonl``.
+    Returns None when the log has no records yet."""
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    if not records:
+        return None
+    step = np.array([r["step"] for r in records])
+    panels = [("loss", "training loss"), ("lr", "learning rate"), ("images_per_s", "images/s (all ranks)"),
+              ("grad_norm", "gradient norm (before clipping)")]
+    panels = [(key, title) for key, title in panels if any(r.get(key) is not None for r in records)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), constrained_layout=True)
+    for ax, (key, title) in zip(np.atleast_1d(axes), panels):
+        values = np.array([np.nan if r.get(key) is None else r[key] for r in records], dtype=float)
+        ax.plot(step, values, lw=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        epochs = [r["step"] for a, r in zip(records, records[1:]) if r["epoch"] != a["epoch"]]
+        for boundary in epochs:  # epoch starts, to read a curve against the schedule
+            ax.axvline(boundary, color="0.85", lw=0.6, zorder=0)
+    return save_figure(fig, out)
+
+
+def plot_defense_matrix(rows: list[dict[str, Any]], out: str | Path) -> Path:
+    """Per attack: ASR and clean accuracy of the baseline and of MCCI under mind control."""
+    names = [r["attack"] for r in rows]
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.1 * len(rows) + 3), 3.2), constrained_layout=True)
+    for ax, metric, title in ((axes[0], "asr", "attack success rate"), (axes[1], "clean_acc", "clean accuracy")):
+        ax.bar(x - 0.2, [r["baseline"][metric] for r in rows], 0.4, label="baseline (no defense)", color="tab:red")
+        ax.bar(x + 0.2, [r["mcci"]["mind_control"][metric] for r in rows], 0.4, label="MCCI, mind control",
+               color="tab:blue")
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=10)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=2, fontsize=8)
+    return save_figure(fig, out)
