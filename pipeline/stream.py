@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+from functools import partial
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -110,21 +111,28 @@ class _DecodeError(Exception):
     pass
 
 
-def _to_sample(sample: dict[str, Any]) -> tuple:
+def _fields(sample: dict[str, Any], meta: dict[str, Any], num_classes: int) -> tuple:
+    """(label, orig_label, poisoned, index), refusing labels the model has no output for."""
+    for key in ("label", "orig_label"):
+        if not 0 <= meta[key] < num_classes:
+            raise _DecodeError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has {key} {meta[key]}, "
+                               f"outside the manifest's {num_classes} classes")
+    return meta["label"], meta["orig_label"], meta["poisoned"], meta["index"]
+
+
+def _to_sample(sample: dict[str, Any], num_classes: int) -> tuple:
     image = sample.get("png", sample.get("jpg"))
     if image is None or "json" not in sample:
         raise _DecodeError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks an image or its json")
-    meta = sample["json"]
-    return image, meta["label"], meta["orig_label"], meta["poisoned"], meta["index"]
+    return image, *_fields(sample, sample["json"], num_classes)
 
 
-def _to_encoded_sample(sample: dict[str, Any]) -> tuple:
+def _to_encoded_sample(sample: dict[str, Any], num_classes: int) -> tuple:
     fmt = "png" if "png" in sample else "jpg"
     if fmt not in sample or "json" not in sample:
         raise _DecodeError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks an image or its json")
-    meta = json.loads(sample["json"])
     data = torch.frombuffer(bytearray(sample[fmt]), dtype=torch.uint8)
-    return (data, fmt), meta["label"], meta["orig_label"], meta["poisoned"], meta["index"]
+    return (data, fmt), *_fields(sample, json.loads(sample["json"]), num_classes)
 
 
 def collate(samples: list[tuple]) -> Batch | EncodedBatch:
@@ -154,13 +162,14 @@ def corrupt_shard(exn: Exception) -> bool:
                      "in manifest.json and rebuild the shards (`mcci shards build`) if it differs") from exn
 
 
-def _decoding_stages(handler, decode: str = "workers") -> list:
+def _decoding_stages(handler, num_classes: int, decode: str = "workers") -> list:
     """Tar reading, then either decoding in the loader's workers (PIL) or passing encoded bytes on."""
     if decode == "device":
-        return [wds.tarfile_to_samples(handler=handler)], [wds.map(_to_encoded_sample, handler=handler)]
+        return [wds.tarfile_to_samples(handler=handler)], [
+            wds.map(partial(_to_encoded_sample, num_classes=num_classes), handler=handler)]
     return [wds.tarfile_to_samples(handler=handler)], [
         wds.decode("torchrgb8", handler=handler),
-        wds.map(_to_sample, handler=handler),
+        wds.map(partial(_to_sample, num_classes=num_classes), handler=handler),
     ]
 
 
@@ -169,7 +178,7 @@ def train_loader(location: str, manifest: dict[str, Any], batch_size: int, steps
     """An endless seeded resample of the train shards, cut to ``steps`` full batches per process.
     ``decode="device"`` yields ``EncodedBatch``es for ``pipeline.feed`` to decode."""
     urls = shard_urls(location, manifest, "train")
-    read, decoding = _decoding_stages(corrupt_shard, decode)
+    read, decoding = _decoding_stages(corrupt_shard, manifest["num_classes"], decode)
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, seed=make_seed(seed, epoch), deterministic=True),
         *read,
@@ -194,7 +203,7 @@ def eval_loader(location: str, manifest: dict[str, Any], split: str, batch_size:
     on every rank).
     """
     urls = shard_urls(location, manifest, split)
-    read, decoding = _decoding_stages(corrupt_shard, decode)
+    read, decoding = _decoding_stages(corrupt_shard, manifest["num_classes"], decode)
     stages = [wds.SimpleShardList(urls), *([wds.split_by_node] if by_rank else []), wds.split_by_worker, *read, *decoding]
     if limit is not None:
         stages.append(wds.slice(limit))

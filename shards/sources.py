@@ -233,6 +233,13 @@ def load_source(spec: str, test_spec: str | None, scratch: Path) -> dict[str, La
     if splits["train"].class_names != splits["test"].class_names:
         raise ShardBuildError(f"train and test class names differ: {splits['train'].class_names} vs "
                               f"{splits['test'].class_names}; they must be the same folders")
+    for role, split in splits.items():
+        bad = np.flatnonzero((split.labels < 0) | (split.labels >= len(split.class_names)))
+        if len(bad):
+            raise ShardBuildError(f"{len(bad)} {role} images have labels outside 0..{len(split.class_names) - 1} "
+                                  f"(e.g. image {int(bad[0])}: {int(split.labels[bad[0]])}); unlabelled splits "
+                                  "(label -1, as some Hugging Face test splits) cannot be evaluated: pass a "
+                                  "labelled --test-source")
     return splits
 
 

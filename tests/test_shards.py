@@ -88,6 +88,18 @@ def test_hugging_face_saved_dataset(tmp_path):
     assert m["splits"]["train"]["count"] == 18 and m["splits"]["test-poisoned"]["count"] == 3
 
 
+def test_unlabelled_hugging_face_test_split_is_refused(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    image = Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8))
+    train = datasets.Dataset.from_dict({"img": [image] * 8, "label": [0, 1] * 4}, features=features)
+    test = datasets.Dataset.from_dict({"img": [image] * 4, "label": [-1] * 4}, features=features)  # unlabelled
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(ShardBuildError, match=r"4 test images have labels outside 0..1 .*-1.*--test-source"):
+        build_shards(BuildSpec(source=str(tmp_path / "hf"), out=str(tmp_path / "out"), trusted_count=2), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_max_train_takes_a_seeded_subset(image_tree, tmp_path):
     m = build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "o"), max_train=20, trusted_count=2,
                                poison_rate=0.25), progress=False)
@@ -149,3 +161,26 @@ def test_embedded_digits_are_deterministic():
     assert len(a["train"]) == 2874 and len(a["test"]) == 360 and len(a["train"].class_names) == 10
     np.testing.assert_array_equal(np.asarray(a["train"].load(a["train"].refs[5])),
                                   np.asarray(b["train"].load(b["train"].refs[5])))
+
+
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_a_label_outside_the_classes_is_refused_when_read(tiny_shards, tmp_path, decode):
+    import shutil
+
+    from pipeline.stream import ShardError, eval_loader, load_manifest
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    path = sorted((shards / "train").glob("*.tar"))[1]
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first_json = next(i for i, (m, _) in enumerate(members) if m.name.endswith(".json"))
+    with tarfile.open(path, "w") as tar:
+        for i, (member, data) in enumerate(members):
+            if i == first_json:  # one sample relabelled to a class the 3-class manifest lacks
+                data = json.dumps({**json.loads(data), "label": 7}).encode()
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    with pytest.raises(ShardError, match=r"train-000001.tar has label 7, outside the manifest's 3 classes"):
+        for _ in eval_loader(str(shards), load_manifest(str(shards)), "train", 8, 0, decode=decode):
+            pass
