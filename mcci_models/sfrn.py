@@ -9,7 +9,7 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
@@ -32,42 +32,60 @@ class SmallConvNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             c = w
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.num_features = c
+        self.num_features, self.num_classes = c, num_classes
         self.head = nn.Linear(c, num_classes) if num_classes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def get_classifier(self) -> nn.Module:
+        return self.head
 
-def _no_pretrained(name: str, pretrained: bool) -> None:
-    if pretrained:
-        raise ValueError(f"{name} has no pretrained weights; set model.pretrained=false")
+
+class CifarResNet(ResNet):
+    """ResNet with the 3x3 stride-1 stem and no max-pool, the usual CIFAR variant."""
+
+    def __init__(self, in_chans: int = 3, **kwargs: object):
+        super().__init__(in_chans=in_chans, **kwargs)
+        self.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
+        self.maxpool = nn.Identity()
+
+
+# timm's pretrained configs (input size, normalisation, classifier name): they travel with an export
+# (`mcci export`), and they let timm reload these models from a local folder. No hub weights exist.
+_CIFAR_CFG = dict(input_size=(3, 32, 32), pool_size=None, crop_pct=1.0, interpolation="bicubic",
+                  mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+default_cfgs = generate_default_cfgs({
+    "mcci_convnet_small": dict(**_CIFAR_CFG, first_conv="features.0", classifier="head"),
+    "mcci_convnet_tiny": dict(**_CIFAR_CFG, first_conv="features.0", classifier="head"),
+    "resnet18_cifar": dict(**_CIFAR_CFG, first_conv="conv1", classifier="fc"),
+})
+
+
+def _build(cls: type, name: str, pretrained: bool, **kwargs) -> nn.Module:
+    source = {**(kwargs.get("pretrained_cfg") or {}), **(kwargs.get("pretrained_cfg_overlay") or {})}
+    if pretrained and not source.get("file"):
+        raise ValueError(f"{name} has no pretrained weights on the hub; set model.pretrained=false or give "
+                         "model.weights_file")
+    return build_model_with_cfg(cls, name, pretrained, **kwargs)
 
 
 @register_model
 def mcci_convnet_small(pretrained: bool = False, **kwargs) -> SmallConvNet:
     """32/64/128/256 channels: 1.2M parameters, 0.11 GFLOPs at 32 px."""
-    _no_pretrained("mcci_convnet_small", pretrained)
-    return SmallConvNet(**kwargs)
+    return _build(SmallConvNet, "mcci_convnet_small", pretrained, **kwargs)
 
 
 @register_model
 def mcci_convnet_tiny(pretrained: bool = False, **kwargs) -> SmallConvNet:
     """16/32/64/128 channels: 0.3M parameters, 0.03 GFLOPs at 32 px (the CPU quickstart)."""
-    _no_pretrained("mcci_convnet_tiny", pretrained)
-    return SmallConvNet(widths=(16, 32, 64, 128), **kwargs)
+    return _build(SmallConvNet, "mcci_convnet_tiny", pretrained, widths=(16, 32, 64, 128), **kwargs)
 
 
 @register_model
 def resnet18_cifar(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-18 with the 3x3 stride-1 stem and no max-pool, the usual CIFAR variant."""
-    _no_pretrained("resnet18_cifar", pretrained)
-    # timm passes its own keys (pretrained_cfg, ...) to every entry point; ResNet takes few of them.
-    args = {k: kwargs[k] for k in ("num_classes", "in_chans", "drop_rate") if k in kwargs}
-    model = ResNet(BasicBlock, [2, 2, 2, 2], **args)
-    model.conv1 = nn.Conv2d(args.get("in_chans", 3), 64, 3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
+    return _build(CifarResNet, "resnet18_cifar", pretrained, block=BasicBlock, layers=[2, 2, 2, 2], **kwargs)
 
 
 def create_sfrn(name: str, num_outputs: int, img_size: int, pretrained: bool = False,

@@ -36,7 +36,8 @@ class CheckpointError(ValueError):
     pass
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place, replacing any older one, without a moment where neither is whole."""
     if final.exists():
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -55,7 +56,7 @@ def save_model(directory: str | Path, state_dict: dict[str, torch.Tensor], cfg: 
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp / WEIGHTS))
     (tmp / CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (tmp / MODEL_META).write_text(json.dumps(meta, indent=1))
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
     return final
 
 
@@ -99,7 +100,7 @@ def save_training_state(accelerator, out: str | Path, trainer_state: dict[str, A
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state))
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
         for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

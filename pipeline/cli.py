@@ -90,6 +90,14 @@ def _predict(args: argparse.Namespace) -> None:
         print(r["path"] + "\t" + ", ".join(f"{p['name']} {p['probability']:.3f}" for p in r["predictions"]))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from pipeline.export import export
+
+    config = export(args.checkpoint, args.out)
+    print(f"wrote {args.out}: {config['architecture']}, {config['num_classes']} classes, input "
+          f"{config['pretrained_cfg']['input_size']}; load with timm.create_model('local-dir:{args.out}', pretrained=True)")
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from pipeline.quickstart import quickstart
 
@@ -164,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     pr.set_defaults(func=_predict)
+
+    x = sub.add_parser("export", help="the trained classifier as a plain timm model (MCCI folded under mind control)")
+    x.add_argument("--checkpoint", required=True, help="the out folder of `mcci train` (or its model/)")
+    x.add_argument("--out", required=True, help="new folder: config.json + model.safetensors, timm's format")
+    x.set_defaults(func=_export)
 
     q = sub.add_parser("quickstart", help="offline end-to-end demo on embedded data (CPU, minutes)")
     q.add_argument("--out", default="runs/quickstart")
