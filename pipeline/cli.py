@@ -104,6 +104,13 @@ def _quickstart(args: argparse.Namespace) -> None:
     quickstart(args.out, args.epochs)
 
 
+def _add_compute_args(parser: argparse.ArgumentParser, batch_size: int, loader_workers: bool) -> None:
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    if loader_workers:
+        parser.add_argument("--num-workers", type=int, default=2, help="shard-reading processes")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcci", description="Train clean classifiers on poisoned data (MCCI).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,9 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="metrics JSON to write")
     e.add_argument("--baseline-metrics", help="metrics JSON of the undefended model, for DER")
     e.add_argument("--reference", action="append", default=[], help=f"also evaluate mind control with {REFERENCE_HELP}")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--num-workers", type=int, default=2)
-    e.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    _add_compute_args(e, batch_size=256, loader_workers=True)
     e.set_defaults(func=_eval)
 
     a = sub.add_parser("audit", help="flag training samples whose label only the AIN explains (likely poisoned)")
@@ -159,9 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--shards", required=True, help="the shard folder it was trained on")
     a.add_argument("--out", required=True, help="folder for audit.json, samples.jsonl and scores.png")
     a.add_argument("--split", default="train", help="split to audit (default: train)")
-    a.add_argument("--batch-size", type=int, default=256)
-    a.add_argument("--num-workers", type=int, default=2)
-    a.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    _add_compute_args(a, batch_size=256, loader_workers=True)
     a.set_defaults(func=_audit)
 
     pr = sub.add_parser("predict", help="classify image files (MCCI models under mind control)")
@@ -169,8 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("images", nargs="+", help="image files or folders of them (searched recursively)")
     pr.add_argument("--top-k", type=int, default=1)
     pr.add_argument("--out", help="JSONL file to write (default: print a line per image)")
-    pr.add_argument("--batch-size", type=int, default=64)
-    pr.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    _add_compute_args(pr, batch_size=64, loader_workers=False)
     pr.set_defaults(func=_predict)
 
     x = sub.add_parser("export", help="the trained classifier as a plain timm model (MCCI folded under mind control)")
