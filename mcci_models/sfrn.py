@@ -5,6 +5,8 @@ Besides timm's own models this registers two small backbones for 32 px data with
 """
 from __future__ import annotations
 
+import difflib
+import pickle
 from pathlib import Path
 
 import timm
@@ -14,6 +16,10 @@ from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+class ModelError(ValueError):
+    """A model that cannot be built as asked: unknown name, missing or unsafe weights."""
 
 
 class SmallConvNet(nn.Module):
@@ -65,7 +71,7 @@ default_cfgs = generate_default_cfgs({
 def _build(cls: type, name: str, pretrained: bool, **kwargs) -> nn.Module:
     source = {**(kwargs.get("pretrained_cfg") or {}), **(kwargs.get("pretrained_cfg_overlay") or {})}
     if pretrained and not source.get("file"):
-        raise ValueError(f"{name} has no pretrained weights on the hub; set model.pretrained=false or give "
+        raise ModelError(f"{name} has no pretrained weights on the hub; set model.pretrained=false or give "
                          "model.weights_file")
     return build_model_with_cfg(cls, name, pretrained, **kwargs)
 
@@ -97,22 +103,29 @@ def create_sfrn(name: str, num_outputs: int, img_size: int, pretrained: bool = F
     position embeddings adapted to ``num_outputs`` and ``img_size``.
     """
     if name not in timm.list_models() and not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise ValueError(f"unknown timm model {name!r}; similar names: {close or 'none'} (see timm.list_models())")
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        raise ModelError(f"unknown timm model {name!r}; similar names: {close or 'none'} (see timm.list_models())")
     kwargs: dict = {"num_classes": num_outputs}
     if weights_file is not None:
         path = Path(weights_file)
         if not path.is_file():
             raise FileNotFoundError(f"model.weights_file {path} does not exist; give a local .safetensors/.npz/.pth file")
         if path.suffix not in WEIGHT_SUFFIXES:
-            raise ValueError(f"model.weights_file {path} must end in one of {WEIGHT_SUFFIXES}")
+            raise ModelError(f"model.weights_file {path} must end in one of {WEIGHT_SUFFIXES}")
         pretrained = True
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
     try:
-        # Resolution-aware models (ViT, DeiT, EVA, ...) take img_size and resample position
-        # embeddings when loading pretrained weights; convolutional models do not take it.
-        return timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs)
-    except TypeError as e:
-        if "img_size" not in str(e):
+        try:
+            # Resolution-aware models (ViT, DeiT, EVA, ...) take img_size and resample position
+            # embeddings when loading pretrained weights; convolutional models do not take it.
+            return timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, pickle.UnpicklingError, KeyError) as e:
+        if weights_file is None:
             raise
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        # timm loads .pth/.bin with torch.load(weights_only=True): pickled code is refused, never run.
+        raise ModelError(f"model.weights_file {weights_file} cannot be loaded into {name}: {str(e).splitlines()[0]} "
+                         "(a pickle that needs code to load is refused; save the weights as .safetensors)") from e

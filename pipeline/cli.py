@@ -8,13 +8,14 @@ import sys
 
 import yaml
 
+from mcci_models import ModelError
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
 from pipeline.eval_job import REFERENCE_HELP, EvalError
 from pipeline.stream import ShardError
 from shards.errors import ShardBuildError
 
-USER_ERRORS = (ConfigError, ShardBuildError, ShardError, CheckpointError, EvalError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ShardBuildError, ShardError, CheckpointError, EvalError, ModelError, FileNotFoundError)
 
 
 def _shards_build(args: argparse.Namespace) -> None:

@@ -67,6 +67,31 @@ def test_bad_input_gives_a_one_line_error(args, message, tmp_path):
     assert re.search(message, lines[0]), lines[0]
 
 
+def test_a_corrupt_or_mismatched_saved_model_is_a_clear_error(trained, tiny_shards, tmp_path):
+    import shutil
+
+    model = shutil.copytree(trained / "mcci" / "model", tmp_path / "model")
+    config = (model / "config.yaml").read_text()
+    (model / "config.yaml").write_text(config.replace("mcci_convnet_tiny", "mcci_convnet_small"))
+    r = mcci("eval", "--checkpoint", str(model), "--shards", str(tiny_shards), "--device", "cpu", check=False)
+    assert r.returncode == 2 and "weights do not match its config" in r.stderr
+    (model / "config.yaml").write_text(config)
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)
+    r = mcci("eval", "--checkpoint", str(model), "--shards", str(tiny_shards), "--device", "cpu", check=False)
+    assert r.returncode == 2 and "is not a valid safetensors file" in r.stderr
+
+
+def test_shards_of_another_task_are_refused(trained, tmp_path):
+    from conftest import make_image_tree
+
+    make_image_tree(tmp_path / "d", classes=4, per_class=6)
+    mcci("shards", "build", "--source", str(tmp_path / "d"), "--out", str(tmp_path / "s"), "--trusted-count", "2")
+    for job in (["eval"], ["audit", "--out", str(tmp_path / "a")]):
+        r = mcci(*job, "--checkpoint", str(trained / "mcci"), "--shards", str(tmp_path / "s"), "--device", "cpu",
+                 check=False)
+        assert r.returncode == 2 and "has 4 classes at 32 px; the model expects 3 at 32 px" in r.stderr
+
+
 def test_shards_build_command(tmp_path):
     from conftest import make_image_tree
 

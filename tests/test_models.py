@@ -3,7 +3,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from mcci_models import MCCI, create_model, create_sfrn
+from mcci_models import MCCI, ModelError, create_model, create_sfrn
 from pipeline.spectra import spectrum
 
 
@@ -51,9 +51,25 @@ def test_local_weights_file_loads_through_timm(tmp_path):
     assert model.fc.out_features == 100  # head replaced for the new output size
 
 
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch ran-from-a-pickle",)
+
+
+def test_a_weights_file_that_needs_code_to_unpickle_is_refused_unrun(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = timm.create_model("resnet18", num_classes=10).state_dict()
+    torch.save({**state, "payload": _RunsCode()}, tmp_path / "weights.pth")
+    with pytest.raises(ModelError, match="cannot be loaded into resnet18.*save the weights as .safetensors"):
+        create_sfrn("resnet18", 10, 32, weights_file=str(tmp_path / "weights.pth"))
+    assert not (tmp_path / "ran-from-a-pickle").exists()
+
+
 def test_bad_model_inputs():
-    with pytest.raises(ValueError, match="unknown timm model"):
-        create_sfrn("resnet_nope", 10, 32)
+    with pytest.raises(ModelError, match="unknown timm model 'resnet81'; similar names: .*'resnet18'"):
+        create_sfrn("resnet81", 10, 32)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         create_sfrn("resnet18", 10, 32, weights_file="/nonexistent.safetensors")
     with pytest.raises(ValueError, match="no pretrained weights"):
