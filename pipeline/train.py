@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch import nn
 from tqdm import tqdm
 
@@ -84,6 +84,17 @@ def _describe(model: nn.Module, image_size: int, accelerator: Accelerator) -> No
                           f"{flops / 1e9:.3f} GFLOPs/image")
 
 
+def _restore_augment_rng(transform: InputTransform, states: list, accelerator: Accelerator) -> None:
+    """This rank's augmentation RNG from a checkpoint's per-rank states (older checkpoints hold one)."""
+    if states and isinstance(states[0], int):
+        states = [states]
+    if len(states) != accelerator.num_processes:
+        accelerator.print(f"checkpoint from {len(states)} processes resumed on {accelerator.num_processes}: "
+                          "augmentation restarts from its seeds, so the run will not repeat the original exactly")
+        return
+    transform.load_state_dict({"generator": torch.tensor(states[accelerator.process_index], dtype=torch.uint8)})
+
+
 def train(cfg: Config) -> Path:
     """Run the job; returns the saved model folder."""
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu)
@@ -113,7 +124,7 @@ def train(cfg: Config) -> Path:
     if cfg.train.resume and checkpoint_dirs(out):
         state = load_training_state(accelerator, checkpoint_dirs(out)[-1])
         step, start_epoch = state["step"], state["epoch"]
-        transform.load_state_dict({"generator": torch.tensor(state["augment_rng"], dtype=torch.uint8)})
+        _restore_augment_rng(transform, state["augment_rng"], accelerator)
         scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
         accelerator.print(f"resumed from step {step} (epoch {start_epoch}) of {total_steps}")
     if accelerator.is_main_process:
@@ -124,7 +135,8 @@ def train(cfg: Config) -> Path:
         # objects and unpickle them with weights_only=False on resume.
         scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         save_training_state(accelerator, out, {"step": step, "epoch": epoch, "total_steps": total_steps,
-                                               "augment_rng": transform.generator.get_state().tolist(),
+                                               # every rank's stream: each augments its own batches
+                                               "augment_rng": gather_object([transform.generator.get_state().tolist()]),
                                                "scheduler": scheduler_state}, cfg.train.keep_checkpoints)
 
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, unit="step",

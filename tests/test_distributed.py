@@ -96,6 +96,44 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_shards, tmp_path)
     assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
 
 
+def test_two_rank_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(tiny_shards, tmp_path):
+    """DDP over gloo: both ranks restore model, optimizer, RNG and data position from one checkpoint."""
+    common = [f"data.shards={tiny_shards}", *TINY_TRAIN, "data.batch_size=4", "train.epochs=2",
+              "train.checkpoint_every=3", "train.keep_checkpoints=10"]
+    torchrun(2, "-m", "pipeline.train", f"train.out={tmp_path / 'straight'}", *common)
+    checkpoints = tmp_path / "straight" / "checkpoints"
+    crashed = tmp_path / "crashed" / "checkpoints"
+    crashed.mkdir(parents=True)
+    shutil.copytree(checkpoints / "step-00000003", crashed / "step-00000003")  # mid epoch 0 (5 steps an epoch)
+    r = torchrun(2, "-m", "pipeline.train", f"train.out={tmp_path / 'crashed'}", *common, "train.resume=true")
+    assert "resumed from step 3" in r.stdout
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "model" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_each_rank_restores_its_own_augmentation_stream():
+    from types import SimpleNamespace
+
+    from pipeline.config import load_config
+    from pipeline.train import _restore_augment_rng, build_transform
+
+    cfg = load_config(None, [])
+    states = [build_transform(cfg, seed=rank).generator.get_state().tolist() for rank in range(2)]
+    said = []
+    for rank in range(2):
+        transform = build_transform(cfg, seed=99)
+        _restore_augment_rng(transform, states, SimpleNamespace(num_processes=2, process_index=rank, print=said.append))
+        assert transform.generator.get_state().tolist() == states[rank]
+    transform = build_transform(cfg, seed=99)
+    fresh = transform.generator.get_state().tolist()
+    _restore_augment_rng(transform, states, SimpleNamespace(num_processes=4, process_index=3, print=said.append))
+    assert transform.generator.get_state().tolist() == fresh and "2 processes resumed on 4" in said[-1]
+    _restore_augment_rng(transform, states[1], SimpleNamespace(num_processes=1, process_index=0, print=said.append))
+    assert transform.generator.get_state().tolist() == states[1]  # a one-rank checkpoint of the older layout
+
+
 def test_resume_without_checkpoints_starts_fresh(tiny_shards, tmp_path):
     r = subprocess.run(_train_cmd(tiny_shards, tmp_path / "r", "train.resume=true", "train.epochs=1"),
                        capture_output=True, text=True, timeout=300)
