@@ -56,7 +56,9 @@ def plot_defense_matrix(rows: list[dict[str, Any]], out: str | Path) -> Path:
     """Per attack: ASR and clean accuracy of the baseline and of MCCI under mind control."""
     names = [r["attack"] for r in rows]
     x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.1 * len(rows) + 3), 3.2), constrained_layout=True)
+    stacked = len(rows) > 6  # many attacks: one wide panel above the other
+    fig, axes = plt.subplots(2 if stacked else 1, 1 if stacked else 2, constrained_layout=True,
+                             figsize=(0.7 * len(rows) + 2, 5.6) if stacked else (max(6.0, 1.1 * len(rows) + 3), 3.2))
     for ax, metric, title in ((axes[0], "asr", "attack success rate"), (axes[1], "clean_acc", "clean accuracy")):
         ax.bar(x - 0.2, [r["baseline"][metric] for r in rows], 0.4, label="baseline (no defense)", color="tab:red")
         ax.bar(x + 0.2, [r["mcci"]["mind_control"][metric] for r in rows], 0.4, label="MCCI, mind control",
