@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import io
 import json
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterator
 
 import torch

@@ -18,7 +18,7 @@ from pipeline.train import build_model, build_transform
 
 
 def _reload(folder):
-    return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # a folder on disk: no hub, no network
 
 
 @pytest.mark.parametrize("run", ["mcci", "baseline"])
