@@ -98,8 +98,8 @@ def normalise(coefficients: torch.Tensor, mode: str = "log") -> torch.Tensor:
     ``log``: sign(c) * log1p(|c|), bounded by about 11 at 224 px, safe in fp16 and bf16.
     ``raw``: the coefficients unchanged, as the reference implementation feeds them (parity only).
     """
-    if mode == "log":
-        return torch.sign(coefficients) * torch.log1p(coefficients.abs())
+    if mode == "log":  # copysign: one elementwise pass fewer than sign(c) * log1p(|c|), same values
+        return torch.copysign(torch.log1p(coefficients.abs()), coefficients)
     if mode == "raw":
         return coefficients
     raise ValueError(f"unknown spectrum normalisation {mode!r}; choose one of {NORMALISATIONS}")
