@@ -21,13 +21,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from sklearn.metrics import roc_auc_score
 
 from mcci_models import MCCI
 from pipeline.eval_job import EvalError, load_matching_manifest, load_trained
+from pipeline.plots import plt, save_figure
 from pipeline.report import write_json, write_text
 from pipeline.stream import eval_loader
 from pipeline.train import build_transform
@@ -69,8 +72,6 @@ def summarise(rows: torch.Tensor) -> dict[str, Any]:
                             for q in (50, 90, 99)} if len(rows) else {},
     }
     if 0 < int(poisoned.sum()) < len(rows):
-        from sklearn.metrics import roc_auc_score
-
         hits = int((flagged & poisoned).sum())
         summary["recorded_poisoned"] = {
             "count": int(poisoned.sum()), "flagged": hits,
@@ -85,10 +86,6 @@ def summarise(rows: torch.Tensor) -> dict[str, Any]:
 
 
 def plot_scores(rows: torch.Tensor, path: Path) -> None:
-    import numpy as np
-
-    from pipeline.plots import plt, save_figure
-
     score = rows[:, COLUMNS.index("score")].numpy()
     poisoned = rows[:, COLUMNS.index("poisoned")].numpy() > 0
     fig, ax = plt.subplots(figsize=(6, 3.5))

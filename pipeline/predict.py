@@ -52,7 +52,7 @@ def predict(checkpoint: str | Path, paths: list[str], top_k: int = 1, batch_size
     names, size = meta["class_names"], meta["image_size"]
     if not 1 <= top_k <= len(names):
         raise EvalError(f"--top-k must be between 1 and the model's {len(names)} classes, got {top_k}")
-    transform = build_transform(cfg)
+    transform = build_transform(cfg, spectra=False)  # mind control: no spectrum to compute
     records = []
     for chunk in _chunks(image_files(paths), batch_size):
         pixels = np.stack([fit_image(open_image_file(str(f)), size) for f in chunk])

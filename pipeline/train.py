@@ -43,9 +43,10 @@ def build_model(cfg: Config, num_classes: int, image_size: int, load_pretrained:
                         ain_widths=m.ain_widths, ain_dropouts=m.ain_dropouts)
 
 
-def build_transform(cfg: Config, seed: int = 0) -> InputTransform:
+def build_transform(cfg: Config, seed: int = 0, spectra: bool = True) -> InputTransform:
+    """``spectra=False`` for jobs that only run mind control, which never reads an input's spectrum."""
     return InputTransform(cfg.data.mean, cfg.data.std, cfg.data.augment, cfg.spectrum.normalisation,
-                          cfg.spectrum.backend, with_spectra=cfg.train.defense == "mcci", seed=seed,
+                          cfg.spectrum.backend, with_spectra=spectra and cfg.train.defense == "mcci", seed=seed,
                           channels_last=cfg.train.channels_last)
 
 

@@ -18,7 +18,7 @@ from pipeline.train import build_model, build_transform
 
 
 def _reload(folder):
-    return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # a folder on disk: no hub, no network
+    return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # a folder on disk; conftest sets HF_HUB_OFFLINE=1
 
 
 @pytest.mark.parametrize("run", ["mcci", "baseline"])
