@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.config import AugmentConfig
-from pipeline.device import InputTransform
+from pipeline.data.transforms import InputTransform
+from pipeline.support.config import AugmentConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

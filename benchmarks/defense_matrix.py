@@ -18,9 +18,9 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import write_result
-from pipeline.experiment import run_experiment
-from pipeline.plots import plot_defense_matrix
-from pipeline.quickstart import QUICKSTART_OVERRIDES, QUICKSTART_SOURCE
+from pipeline.jobs.experiment import run_experiment
+from pipeline.jobs.quickstart import QUICKSTART_OVERRIDES, QUICKSTART_SOURCE
+from pipeline.support.plots import plot_defense_matrix
 from shards.attacks import ATTACKS
 from shards.build import MODES, BuildSpec
 

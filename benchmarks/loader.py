@@ -15,8 +15,9 @@ import time
 import torch
 
 from benchmarks.common import sync, vit_transform, write_result
-from pipeline.feed import device_batches
-from pipeline.stream import load_manifest, train_loader
+from pipeline.data.loaders import train_loader
+from pipeline.data.manifest import load_manifest
+from pipeline.data.prefetch import device_batches
 
 
 def measure(shards: str, manifest: dict, batch: int, workers: int, decode: str, steps: int,

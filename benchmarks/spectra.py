@@ -14,7 +14,7 @@ import scipy.fft
 import torch
 
 from benchmarks.common import timed, write_result
-from pipeline.spectra import dct2, spectrum
+from pipeline.data.spectra import dct2, spectrum
 
 
 def reference_loop(batch: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@
 
 (a) synthetic uint8 images already on the device; (b) with --shards, the real shard-fed pipeline
 (webdataset workers read, decode on the device or in the workers, the device augments and computes
-spectra, the next batch prepared on a side stream: pipeline/feed.py). FLOPs are counted with
+spectra, the next batch prepared on a side stream: pipeline/data/prefetch.py). FLOPs are counted with
 PyTorch's FlopCounterMode on one forward pass (2 per multiply-add); a training step is taken as 3x
 the forward. MFU = achieved FLOP/s / peak dense bf16 FLOP/s of the GPU (--peak-tflops, default
 989 for an H100 SXM).
@@ -20,9 +20,9 @@ import torch
 
 from benchmarks.common import sync, timed, vit_transform, write_result
 from mcci_models import create_model
-from pipeline.flops import forward_flops
-from pipeline.spectra import spectrum
-from pipeline.train import classification_loss
+from pipeline.components.flops import forward_flops
+from pipeline.data.spectra import spectrum
+from pipeline.jobs.train import classification_loss
 
 
 def step_fn(model, optimizer, transform, images, labels, precision):
@@ -81,8 +81,9 @@ def bench_model(name: str, args, device) -> dict:
 
 def shard_fed(name: str, args, device) -> dict:
     """MCCI steps fed by the real loader; images/s over a fixed number of steps after warm-up."""
-    from pipeline.feed import device_batches, resolve_decode
-    from pipeline.stream import load_manifest, train_loader
+    from pipeline.data.loaders import train_loader
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.prefetch import device_batches, resolve_decode
 
     manifest = load_manifest(args.shards)
     model = prepared(create_model("mcci", name, manifest["num_classes"], manifest["image_size"]).to(device).train(), args)

@@ -8,14 +8,8 @@ import sys
 
 import yaml
 
-from mcci_models import ModelError
-from pipeline.checkpoint import CheckpointError
-from pipeline.config import ConfigError
-from pipeline.eval_job import REFERENCE_HELP, EvalError
-from pipeline.stream import ShardError
-from shards.errors import ShardBuildError
-
-USER_ERRORS = (ConfigError, ShardBuildError, ShardError, CheckpointError, EvalError, ModelError, FileNotFoundError)
+from pipeline.jobs.evaluate import REFERENCE_HELP
+from pipeline.support.errors import USER_ERRORS
 
 
 def _shards_build(args: argparse.Namespace) -> None:
@@ -38,23 +32,23 @@ def _shards_build(args: argparse.Namespace) -> None:
 
 
 def _shards_preview(args: argparse.Namespace) -> None:
-    from pipeline.preview import preview
+    from pipeline.jobs.preview import preview
 
     print(f"wrote {preview(args.shards, args.out, args.count, args.pairs)}")
 
 
 def _train(args: argparse.Namespace) -> None:
-    from pipeline.config import load_config
-    from pipeline.train import train
+    from pipeline.jobs.train import train
+    from pipeline.support.config import load_config
 
     train(load_config(args.config, args.overrides))
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from pipeline.eval_job import evaluate_checkpoint
-    from pipeline.report import add_der, format_table, write_json
-
     from accelerate import PartialState
+
+    from pipeline.jobs.evaluate import evaluate_checkpoint
+    from pipeline.support.report import add_der, format_table, write_json
 
     results = evaluate_checkpoint(args.checkpoint, args.shards, args.reference, args.batch_size, args.num_workers,
                                   args.device)
@@ -70,8 +64,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _audit(args: argparse.Namespace) -> None:
-    from pipeline.audit import audit
-    from pipeline.report import format_audit
+    from pipeline.jobs.audit import audit
+    from pipeline.support.report import format_audit
 
     summary = audit(args.checkpoint, args.shards, args.out, args.split, args.batch_size, args.num_workers, args.device)
     if summary is not None:  # the main process
@@ -79,8 +73,8 @@ def _audit(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from pipeline.predict import predict
-    from pipeline.report import write_text
+    from pipeline.jobs.predict import predict
+    from pipeline.support.report import write_text
 
     records = predict(args.checkpoint, args.images, args.top_k, args.batch_size, args.device)
     if args.out:
@@ -92,7 +86,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from pipeline.export import export
+    from pipeline.jobs.export import export
 
     config = export(args.checkpoint, args.out)
     print(f"wrote {args.out}: {config['architecture']}, {config['num_classes']} classes, input "
@@ -100,7 +94,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> None:
-    from pipeline.quickstart import quickstart
+    from pipeline.jobs.quickstart import quickstart
 
     quickstart(args.out, args.epochs)
 

@@ -1,4 +1,5 @@
 """Makes data, offline, on the CPU: reads image sources, poisons them, writes WebDataset shards.
 
-Nothing here imports ``pipeline`` or ``mcci_models``.
+Imports ``mcci_models`` at most (to read a trained model for the attacks that optimise against one),
+never ``pipeline``.
 """

@@ -299,7 +299,7 @@ def test_all_to_all_relabels_y_to_y_plus_one(image_tree, tmp_path):
     import torch
     import webdataset as wds
 
-    from pipeline.metrics import attack_targets, count_triggered
+    from pipeline.support.metrics import attack_targets, count_triggered
     from shards.build import BuildSpec, build_shards
 
     m = build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "s"), attack="badnets", poison_rate=0.25,

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.audit import COLUMNS, score_samples, summarise
 from pipeline.cli import main
-from pipeline.eval_job import load_trained
-from pipeline.stream import eval_loader, load_manifest
-from pipeline.train import build_transform
+from pipeline.components.models import build_transform, load_trained
+from pipeline.data.loaders import eval_loader
+from pipeline.data.manifest import load_manifest
+from pipeline.jobs.audit import COLUMNS, score_samples, summarise
 
 
 def test_score_is_the_label_log_probability_the_own_spectrum_adds(trained, tiny_shards):

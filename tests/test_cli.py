@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from conftest import TINY_TRAIN
 from pipeline.cli import main
+
+from conftest import TINY_TRAIN
 
 
 def mcci(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -104,7 +105,7 @@ def test_shards_build_command(tmp_path):
 
 
 def test_remote_shard_urls_resolve_to_streams():
-    from pipeline.stream import resolve_url
+    from pipeline.data.manifest import resolve_url
 
     assert resolve_url("s3://bucket/shards/train/train-000000.tar") == "pipe:aws s3 cp s3://bucket/shards/train/train-000000.tar -"
     assert resolve_url("gs://b/x.tar") == "pipe:gsutil cat gs://b/x.tar"

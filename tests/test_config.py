@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, load_config, parse_override
+from pipeline.support.config import load_config, parse_override
+from pipeline.support.errors import ConfigError
 
 
 def test_defaults_file_and_overrides_in_order(tmp_path):

@@ -1,7 +1,7 @@
 import torch
 
-from pipeline.config import AugmentConfig
-from pipeline.device import InputTransform, augment
+from pipeline.data.transforms import InputTransform, augment
+from pipeline.support.config import AugmentConfig
 
 
 def test_no_augmentation_is_identity():
@@ -39,8 +39,9 @@ def test_transform_outputs_and_seeded_state():
 
 
 def _jpeg_and_png_shards(tmp_path):
-    from conftest import make_image_tree
     from shards.build import BuildSpec, build_shards
+
+    from conftest import make_image_tree
 
     data = make_image_tree(tmp_path / "data", classes=2, per_class=6, test_per_class=3)
     built = {}
@@ -54,8 +55,10 @@ def _jpeg_and_png_shards(tmp_path):
 
 def test_device_decode_gives_the_pixels_worker_decode_gives(tmp_path):
     """decode="device" (workers pass bytes, torchvision decodes where the model runs) against PIL in the workers."""
-    from pipeline.feed import device_batches
-    from pipeline.stream import EncodedBatch, eval_loader, load_manifest
+    from pipeline.data.batches import EncodedBatch
+    from pipeline.data.loaders import eval_loader
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.prefetch import device_batches
 
     for fmt, location in _jpeg_and_png_shards(tmp_path).items():
         manifest = load_manifest(str(location))
@@ -74,8 +77,9 @@ def test_device_decode_gives_the_pixels_worker_decode_gives(tmp_path):
 def test_device_decode_names_a_corrupt_image(tmp_path):
     import pytest
 
-    from pipeline.feed import to_device
-    from pipeline.stream import EncodedBatch, ShardError
+    from pipeline.data.batches import EncodedBatch
+    from pipeline.data.prefetch import to_device
+    from pipeline.support.errors import ShardError
 
     bad = EncodedBatch([torch.tensor([0xFF, 0xD8, 1, 2, 3], dtype=torch.uint8)], "jpg", torch.tensor([0]),
                        torch.tensor([0]), torch.tensor([False]), torch.tensor([17]))
@@ -84,7 +88,7 @@ def test_device_decode_names_a_corrupt_image(tmp_path):
 
 
 def test_auto_decode_is_the_device_for_jpeg_on_a_gpu_only():
-    from pipeline.feed import resolve_decode
+    from pipeline.data.prefetch import resolve_decode
 
     assert resolve_decode("auto", "jpeg", torch.device("cuda")) == "device"
     assert resolve_decode("auto", "png", torch.device("cuda")) == "workers"

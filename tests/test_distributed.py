@@ -116,8 +116,9 @@ def test_two_rank_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run
 def test_each_rank_restores_its_own_augmentation_stream():
     from types import SimpleNamespace
 
-    from pipeline.config import load_config
-    from pipeline.train import _restore_augment_rng, build_transform
+    from pipeline.components.models import build_transform
+    from pipeline.jobs.train import _restore_augment_rng
+    from pipeline.support.config import load_config
 
     cfg = load_config(None, [])
     states = [build_transform(cfg, seed=rank).generator.get_state().tolist() for rank in range(2)]

@@ -1,8 +1,9 @@
 """run_experiment (what `mcci quickstart` and the defense matrix run): shards -> both models -> metrics + audit."""
 import json
 
-from pipeline.experiment import run_experiment
+from pipeline.jobs.experiment import run_experiment
 from shards.build import BuildSpec
+
 from conftest import TINY_TRAIN
 
 

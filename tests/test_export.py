@@ -8,13 +8,13 @@ import torch
 from PIL import Image
 
 import mcci_models  # noqa: F401  (registers the small SFRNs with timm)
-from pipeline.checkpoint import save_model
 from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.eval_job import load_trained
-from pipeline.predict import predict
-from pipeline.stream import eval_loader, load_manifest
-from pipeline.train import build_model, build_transform
+from pipeline.components.checkpoint import save_model
+from pipeline.components.models import build_model, build_transform, load_trained
+from pipeline.data.loaders import eval_loader
+from pipeline.data.manifest import load_manifest
+from pipeline.jobs.predict import predict
+from pipeline.support.config import load_config
 
 
 def _reload(folder):

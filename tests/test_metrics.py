@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pipeline.metrics import (Counts, attack_success_rate, clean_accuracy, count_triggered,
-                              defense_effectiveness_rating, recovery_accuracy)
+from pipeline.support.metrics import (Counts, attack_success_rate, clean_accuracy, count_triggered,
+                                      defense_effectiveness_rating, recovery_accuracy)
 
 
 def test_hand_built_predictions():

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 from mcci_models import MCCI, ModelError, create_model, create_sfrn
-from pipeline.spectra import spectrum
+from pipeline.data.spectra import spectrum
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -3,7 +3,7 @@ import json
 
 from PIL import Image
 
-from pipeline.plots import plot_defense_matrix, plot_training_log
+from pipeline.support.plots import plot_defense_matrix, plot_training_log
 
 
 def test_training_curves_from_a_log_and_nothing_from_an_empty_one(tmp_path):

@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.eval_job import load_trained
-from pipeline.predict import predict
-from pipeline.stream import eval_loader, load_manifest
-from pipeline.train import build_transform
+from pipeline.components.models import build_transform, load_trained
+from pipeline.data.loaders import eval_loader
+from pipeline.data.manifest import load_manifest
+from pipeline.jobs.predict import predict
 
 
 def _test_images(tiny_shards, folder):

@@ -9,9 +9,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import make_image_tree
 from shards.build import BuildSpec, build_shards
 from shards.errors import ShardBuildError
+
+from conftest import make_image_tree
 
 
 def _samples(out: Path, split: str) -> list[dict]:
@@ -167,7 +168,9 @@ def test_embedded_digits_are_deterministic():
 def test_a_label_outside_the_classes_is_refused_when_read(tiny_shards, tmp_path, decode):
     import shutil
 
-    from pipeline.stream import ShardError, eval_loader, load_manifest
+    from pipeline.data.loaders import eval_loader
+    from pipeline.data.manifest import load_manifest
+    from pipeline.support.errors import ShardError
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)

@@ -3,7 +3,7 @@ import pytest
 import scipy.fft
 import torch
 
-from pipeline.spectra import dct2, dct_matrix, normalise, spectrum
+from pipeline.data.spectra import dct2, dct_matrix, normalise, spectrum
 
 
 @pytest.mark.parametrize("size", [8, 32, 64, 224])

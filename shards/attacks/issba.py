@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from mcci_models import default_device
 from shards.attacks.base import Attack, AttackContext, register
-from shards.attacks.surrogate import device, to_tensor, to_uint8
+from shards.attacks.surrogate import to_tensor, to_uint8
 from shards.errors import ShardBuildError
 
 CODE_GRID = 8  # the code is written onto an 8x8 map, upsampled to the image
@@ -105,7 +106,7 @@ class ISSBA(Attack):
         self.params["resolved_mean_abs_change"] = round(float(np.abs(poisoned.astype(int) - clean).mean()), 3)
 
     def _train(self, context: AttackContext) -> None:
-        p, dev, rng = self.params, device(), self.rng(0x155BB)
+        p, dev, rng = self.params, default_device(), self.rng(0x155BB)
         chosen = context.clean_train
         if len(chosen) > int(p["max_images"]):
             chosen = np.sort(rng.choice(chosen, size=int(p["max_images"]), replace=False))

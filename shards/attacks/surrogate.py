@@ -5,7 +5,6 @@ the shard folder's ``assets/surrogate.safetensors`` with its hash in the manifes
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from mcci_models import create_sfrn, default_device, load_saved_model
+from mcci_models.saved import WEIGHTS, model_folder
 from shards.attacks.base import Attack, AttackContext
 from shards.errors import ShardBuildError
 
@@ -36,10 +37,6 @@ class PixelClassifier(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def to_tensor(pixels: np.ndarray, dev: torch.device) -> torch.Tensor:
     """[N, H, W, 3] uint8 -> [N, 3, H, W] float in [0, 1]."""
     return torch.tensor(pixels, device=dev).permute(0, 3, 1, 2).float().div(255)  # a copy: PIL arrays are read-only
@@ -58,30 +55,19 @@ def non_target_pool(attack: Attack, context: AttackContext, dev: torch.device, r
 
 
 def _from_checkpoint(attack: Attack, context: AttackContext, dev: torch.device) -> PixelClassifier:
-    # Lazy: pipeline imports shards; shards reaches pipeline only here, to read a model it trained.
-    from pipeline.eval_job import load_trained
-
-    model, cfg, meta = load_trained(attack.params["surrogate_checkpoint"], dev)
+    checkpoint = attack.params["surrogate_checkpoint"]
+    model, config, meta = load_saved_model(checkpoint, dev)
     if meta["defense"] != "none":
         raise ShardBuildError(f"surrogate_checkpoint {attack.params['surrogate_checkpoint']} is a {meta['defense']} "
                               "model; give the out folder of `mcci train train.defense=none` (a plain classifier)")
     if meta["num_classes"] != context.num_classes or meta["image_size"] != attack.image_size:
         raise ShardBuildError(f"surrogate_checkpoint has {meta['num_classes']} classes at {meta['image_size']} px; "
                               f"these shards have {context.num_classes} at {attack.image_size} px")
-    attack.record_asset("surrogate_checkpoint", _weights_file(attack.params["surrogate_checkpoint"]))
-    return PixelClassifier(model, cfg.data.mean, cfg.data.std).to(dev).eval()
-
-
-def _weights_file(checkpoint: str) -> Path:
-    from pipeline.checkpoint import MODEL_DIR, WEIGHTS
-
-    d = Path(checkpoint)
-    return d / MODEL_DIR / WEIGHTS if (d / MODEL_DIR / WEIGHTS).exists() else d / WEIGHTS
+    attack.record_asset("surrogate_checkpoint", model_folder(checkpoint) / WEIGHTS)
+    return PixelClassifier(model, config["data"]["mean"], config["data"]["std"]).to(dev).eval()
 
 
 def _train(attack: Attack, context: AttackContext, dev: torch.device) -> PixelClassifier:
-    from mcci_models import create_sfrn
-
     p = attack.params
     rng = attack.rng(0x5A77)
     chosen = context.clean_train
@@ -122,7 +108,7 @@ def _train(attack: Attack, context: AttackContext, dev: torch.device) -> PixelCl
 
 def surrogate_classifier(attack: Attack, context: AttackContext) -> PixelClassifier:
     """The clean model the attack's parameters name, in eval mode with frozen weights."""
-    dev = device()
+    dev = default_device()
     if attack.params["surrogate_checkpoint"] is not None:
         model = _from_checkpoint(attack, context, dev)
     else:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.experiment import run_experiment
-from pipeline.report import format_audit, format_table
+from pipeline.jobs.experiment import run_experiment
+from pipeline.support.report import format_audit, format_table
 from shards.build import BuildSpec
 
 QUICKSTART_SOURCE = "embedded:digits"

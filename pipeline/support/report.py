@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.metrics import defense_effectiveness_rating
+from pipeline.support.metrics import defense_effectiveness_rating
 
 
 def add_der(results: dict[str, Any], baseline: dict[str, float]) -> dict[str, Any]:

@@ -13,15 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.plots import plt, save_figure
-from pipeline.spectra import spectrum
-from pipeline.stream import Batch, eval_loader, load_manifest
+from pipeline.data.batches import Batch
+from pipeline.data.loaders import eval_loader
+from pipeline.data.manifest import load_manifest
+from pipeline.data.spectra import spectrum
+from pipeline.support.plots import plt, save_figure
 
 
 def _read(location: str, manifest: dict[str, Any], split: str, limit: int | None) -> Batch:
-    batches = list(eval_loader(location, manifest, split, 256, num_workers=0, limit=limit, by_rank=False))
-    return Batch(*(torch.cat(parts) for parts in zip(*((b.images, b.labels, b.orig_labels, b.poisoned, b.indices)
-                                                       for b in batches))))
+    return Batch.concatenate(list(eval_loader(location, manifest, split, 256, num_workers=0, limit=limit,
+                                              by_rank=False)))
 
 
 def _poisoned_training_samples(location: str, manifest: dict[str, Any], count: int) -> list[tuple[np.ndarray, int, int]]:

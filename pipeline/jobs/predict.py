@@ -13,9 +13,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from mcci_models import MCCI
-from pipeline.eval_job import EvalError, load_trained
-from pipeline.train import build_transform
+from mcci_models import MCCI, default_device
+from pipeline.components.models import build_transform, load_trained
+from pipeline.support.errors import JobError
 from shards.build import fit_image
 from shards.sources import IMAGE_SUFFIXES, open_image_file
 
@@ -32,7 +32,7 @@ def image_files(paths: list[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"{path} does not exist; give image files or folders of them")
     if not files:
-        raise EvalError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {', '.join(paths)}")
+        raise JobError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {', '.join(paths)}")
     return files
 
 
@@ -45,13 +45,13 @@ def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
 def predict(checkpoint: str | Path, paths: list[str], top_k: int = 1, batch_size: int = 64,
             device: str | None = None) -> list[dict[str, Any]]:
     """One record per image: its path and the ``top_k`` classes with their probabilities."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device) if device else default_device()
     model, cfg, meta = load_trained(checkpoint, dev)
     if isinstance(model, MCCI) and not bool(model.has_reference):
-        raise EvalError(f"{checkpoint} has no mind-control reference; use the model folder `mcci train` saved")
+        raise JobError(f"{checkpoint} has no mind-control reference; use the model folder `mcci train` saved")
     names, size = meta["class_names"], meta["image_size"]
     if not 1 <= top_k <= len(names):
-        raise EvalError(f"--top-k must be between 1 and the model's {len(names)} classes, got {top_k}")
+        raise JobError(f"--top-k must be between 1 and the model's {len(names)} classes, got {top_k}")
     transform = build_transform(cfg, spectra=False)  # mind control: no spectrum to compute
     records = []
     for chunk in _chunks(image_files(paths), batch_size):

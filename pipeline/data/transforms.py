@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import AugmentConfig
-from pipeline.spectra import spectrum
+from pipeline.data.spectra import spectrum
+from pipeline.support.config import AugmentConfig
 
 
 def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:

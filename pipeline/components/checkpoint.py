@@ -1,7 +1,7 @@
 """Checkpoints, written atomically.
 
 Two kinds:
-- the trained model, ``<out>/model/``: ``model.safetensors`` (weights and the mind-control
+- the trained model, ``<out>/model/`` (read back by ``mcci_models.saved``): ``model.safetensors`` (weights and the mind-control
   reference buffers), ``config.yaml`` (the resolved job config) and ``model.json`` (class names,
   image size, the attack target, how the reference was made). Loading never unpickles anything.
 - resumable training state, ``<out>/checkpoints/step-NNNNNNNN/``: Accelerate's ``save_state``
@@ -21,19 +21,12 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from pipeline.config import Config, from_dict, to_dict
+from mcci_models.saved import CONFIG, MODEL_META, WEIGHTS
+from pipeline.support.config import Config, to_dict
 
-MODEL_DIR = "model"
-WEIGHTS = "model.safetensors"
-CONFIG = "config.yaml"
-MODEL_META = "model.json"
 TRAINER_STATE = "trainer.json"
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -58,24 +51,6 @@ def save_model(directory: str | Path, state_dict: dict[str, torch.Tensor], cfg: 
     (tmp / MODEL_META).write_text(json.dumps(meta, indent=1))
     replace_dir(tmp, final)
     return final
-
-
-def read_model_files(directory: str | Path) -> tuple[Config, dict[str, Any], dict[str, torch.Tensor]]:
-    """Config, metadata and weights of a saved model, checked for presence, never unpickled."""
-    d = Path(directory)
-    if (d / MODEL_DIR / WEIGHTS).exists():
-        d = d / MODEL_DIR  # a training run's out folder
-    missing = [n for n in (WEIGHTS, CONFIG, MODEL_META) if not (d / n).is_file()]
-    if missing:
-        raise CheckpointError(f"{directory} is not a trained mcci model (missing {', '.join(missing)}); "
-                              "give the out folder of `mcci train` or its model/ folder")
-    cfg = from_dict(yaml.safe_load((d / CONFIG).read_text()))
-    meta = json.loads((d / MODEL_META).read_text())
-    try:
-        weights = load_file(str(d / WEIGHTS))
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{d / WEIGHTS} is not a valid safetensors file: {e}") from e
-    return cfg, meta, weights
 
 
 def checkpoint_dirs(out: str | Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Shards -> batches, with webdataset.
+"""Shard URLs -> batches, with webdataset.
 
 Training streams resample shards (with replacement, seeded per epoch, rank and worker) and the
 loader stops after a fixed number of batches, so every rank takes the same number of steps per
@@ -14,9 +14,7 @@ even-batches padding would duplicate evaluation samples.
 """
 from __future__ import annotations
 
-import io
 import json
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator
 
@@ -25,86 +23,9 @@ import webdataset as wds
 from webdataset.filters import _shuffle
 from webdataset.utils import make_seed, pytorch_worker_seed
 
-MANIFEST = "manifest.json"
-SUPPORTED_FORMAT = 1
-
-
-class ShardError(ValueError):
-    pass
-
-
-@dataclass
-class Batch:
-    """A batch as it leaves the CPU: uint8 images [B, C, H, W] and per-sample fields."""
-
-    images: torch.Tensor
-    labels: torch.Tensor  # the training label (the target for poisoned training samples)
-    orig_labels: torch.Tensor  # the true label
-    poisoned: torch.Tensor  # bool
-    indices: torch.Tensor  # the sample's index in the source dataset
-
-    def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in
-                       (self.images, self.labels, self.orig_labels, self.poisoned, self.indices)))
-
-    def pin_memory(self) -> "Batch":
-        return Batch(*(t.pin_memory() for t in (self.images, self.labels, self.orig_labels, self.poisoned, self.indices)))
-
-
-@dataclass
-class EncodedBatch:
-    """A batch whose images are still the shard's encoded bytes (``decode="device"``): the loader's
-    workers only read tars, and ``pipeline.feed`` decodes on the device (nvJPEG on a GPU)."""
-
-    encoded: list[torch.Tensor]  # one uint8 tensor of file bytes per sample
-    image_format: str  # "jpg" or "png"
-    labels: torch.Tensor
-    orig_labels: torch.Tensor
-    poisoned: torch.Tensor
-    indices: torch.Tensor
-
-    def pin_memory(self) -> "EncodedBatch":
-        return EncodedBatch([t.pin_memory() for t in self.encoded], self.image_format,
-                            *(t.pin_memory() for t in (self.labels, self.orig_labels, self.poisoned, self.indices)))
-
-
-def _join(location: str, name: str) -> str:
-    return location.rstrip("/") + "/" + name
-
-
-def resolve_url(url: str) -> str:
-    """Local paths and http(s) URLs open as they are (webdataset's gopen, curl for http); cloud
-    object stores stream through their CLIs: s3:// with ``aws s3 cp``, gs:// with ``gsutil cat``."""
-    if url.startswith("s3://"):
-        return f"pipe:aws s3 cp {url} -"
-    if url.startswith("gs://"):
-        return f"pipe:gsutil cat {url}"
-    return url
-
-
-def load_manifest(location: str) -> dict[str, Any]:
-    """Read ``manifest.json`` from a shard folder or URL prefix (anything ``wds.gopen`` opens)."""
-    url = _join(location, MANIFEST)
-    try:
-        with wds.gopen(resolve_url(url), "rb") as stream:
-            manifest = json.load(io.TextIOWrapper(stream, encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ShardError(f"no {MANIFEST} at {location}; point data.shards at a folder made by `mcci shards build`") from e
-    except (OSError, ValueError) as e:
-        raise ShardError(f"cannot read {url}: {e}; rebuild the shards with `mcci shards build`") from e
-    if manifest.get("format_version") != SUPPORTED_FORMAT:
-        raise ShardError(f"{url} has format_version {manifest.get('format_version')}, this mcci reads "
-                         f"{SUPPORTED_FORMAT}; rebuild the shards with this version")
-    return manifest
-
-
-def shard_urls(location: str, manifest: dict[str, Any], split: str) -> list[str]:
-    if split not in manifest["splits"]:
-        raise ShardError(f"split {split!r} is not in {location}; it has {sorted(manifest['splits'])}")
-    urls = [resolve_url(_join(location, s["path"])) for s in manifest["splits"][split]["shards"]]
-    if not urls:
-        raise ShardError(f"split {split!r} of {location} has no shards (0 samples)")
-    return urls
+from pipeline.data.batches import collate
+from pipeline.data.manifest import shard_urls
+from pipeline.support.errors import ShardError
 
 
 class _DecodeError(Exception):
@@ -133,14 +54,6 @@ def _to_encoded_sample(sample: dict[str, Any], num_classes: int) -> tuple:
         raise _DecodeError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks an image or its json")
     data = torch.frombuffer(bytearray(sample[fmt]), dtype=torch.uint8)
     return (data, fmt), *_fields(sample, json.loads(sample["json"]), num_classes)
-
-
-def collate(samples: list[tuple]) -> Batch | EncodedBatch:
-    images, labels, orig, poisoned, index = zip(*samples)
-    fields = (torch.tensor(labels), torch.tensor(orig), torch.tensor(poisoned, dtype=torch.bool), torch.tensor(index))
-    if isinstance(images[0], tuple):  # encoded bytes, decoded later on the device
-        return EncodedBatch([data for data, _ in images], images[0][1], *fields)
-    return Batch(torch.stack(images), *fields)
 
 
 class _SeededShuffle:
@@ -176,7 +89,7 @@ def _decoding_stages(handler, num_classes: int, decode: str = "workers") -> list
 def train_loader(location: str, manifest: dict[str, Any], batch_size: int, steps: int, num_workers: int,
                  shuffle_buffer: int, seed: int, epoch: int, decode: str = "workers") -> wds.WebLoader:
     """An endless seeded resample of the train shards, cut to ``steps`` full batches per process.
-    ``decode="device"`` yields ``EncodedBatch``es for ``pipeline.feed`` to decode."""
+    ``decode="device"`` yields ``EncodedBatch``es for ``pipeline.data.prefetch`` to decode."""
     urls = shard_urls(location, manifest, "train")
     read, decoding = _decoding_stages(corrupt_shard, manifest["num_classes"], decode)
     pipeline = wds.DataPipeline(

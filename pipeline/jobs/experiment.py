@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.audit import audit
-from pipeline.config import load_config
-from pipeline.eval_job import evaluate_checkpoint
-from pipeline.report import add_der, write_json
-from pipeline.train import train
+from pipeline.jobs.audit import audit
+from pipeline.jobs.evaluate import evaluate_checkpoint
+from pipeline.jobs.train import train
+from pipeline.support.config import load_config
+from pipeline.support.report import add_der, write_json
 from shards.build import BuildSpec, build_shards
 
 ALTERNATIVE_REFERENCES = ("spectrum:trusted:100", "feature:train:1000", "spectrum:test-clean:100", "feature:trusted:1")

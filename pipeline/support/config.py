@@ -17,9 +17,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    pass
+from pipeline.support.errors import ConfigError
 
 
 @dataclass

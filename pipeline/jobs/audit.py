@@ -29,11 +29,11 @@ from accelerate.utils import gather_object
 from sklearn.metrics import roc_auc_score
 
 from mcci_models import MCCI
-from pipeline.eval_job import EvalError, load_matching_manifest, load_trained
-from pipeline.plots import plt, save_figure
-from pipeline.report import write_json, write_text
-from pipeline.stream import eval_loader
-from pipeline.train import build_transform
+from pipeline.components.models import build_transform, job_device, load_matching_manifest, load_trained
+from pipeline.data.loaders import eval_loader
+from pipeline.support.errors import JobError
+from pipeline.support.plots import plt, save_figure
+from pipeline.support.report import write_json, write_text
 
 COLUMNS = ("index", "label", "orig_label", "poisoned", "own_pred", "mind_control_pred", "score")
 
@@ -43,7 +43,7 @@ def score_samples(model: MCCI, location: str, manifest: dict[str, Any], split: s
                   batch_size: int, num_workers: int) -> torch.Tensor:
     """Rows of COLUMNS (float64) for this rank's share of ``split``."""
     if not bool(model.has_reference):
-        raise EvalError("the model has no mind-control reference; audit the out folder of `mcci train`")
+        raise JobError("the model has no mind-control reference; audit the out folder of `mcci train`")
     rows = []
     for batch in eval_loader(location, manifest, split, batch_size, num_workers):
         batch = batch.to(device)
@@ -60,10 +60,16 @@ def score_samples(model: MCCI, location: str, manifest: dict[str, Any], split: s
     return torch.cat(rows) if rows else torch.zeros(0, len(COLUMNS), dtype=torch.float64)
 
 
+def flagged_rows(rows: torch.Tensor) -> torch.Tensor:
+    """The audit's rule: the model as trained predicts the training label and mind control does not."""
+    label = rows[:, COLUMNS.index("label")]
+    return (rows[:, COLUMNS.index("own_pred")] == label) & (rows[:, COLUMNS.index("mind_control_pred")] != label)
+
+
 def summarise(rows: torch.Tensor) -> dict[str, Any]:
     """Counts and, where samples were recorded as poisoned, how well the audit finds them."""
     col = {name: rows[:, i] for i, name in enumerate(COLUMNS)}
-    flagged = (col["own_pred"] == col["label"]) & (col["mind_control_pred"] != col["label"])
+    flagged = flagged_rows(rows)
     poisoned = col["poisoned"].bool()
     summary: dict[str, Any] = {
         "samples": len(rows), "flagged": int(flagged.sum()),
@@ -105,14 +111,14 @@ def audit(checkpoint: str | Path, shards: str, out: str | Path, split: str = "tr
     """Score every sample of ``split`` once (across ranks under torchrun); the main process writes the
     outputs and returns the summary, other ranks return None."""
     state = PartialState(cpu=device == "cpu")
-    dev = torch.device(device) if device and state.num_processes == 1 else state.device
+    dev = job_device(state, device)
     model, cfg, meta = load_trained(checkpoint, dev)
     if not isinstance(model, MCCI):
-        raise EvalError(f"{checkpoint} is an undefended model (train.defense={cfg.train.defense}); the audit needs "
+        raise JobError(f"{checkpoint} is an undefended model (train.defense={cfg.train.defense}); the audit needs "
                         "an MCCI model, whose AIN is what separates poisoned samples")
     manifest = load_matching_manifest(shards, meta)
     if split not in manifest["splits"]:
-        raise EvalError(f"{shards} has no split {split!r}; splits: {sorted(manifest['splits'])}")
+        raise JobError(f"{shards} has no split {split!r}; splits: {sorted(manifest['splits'])}")
     rows = score_samples(model, shards, manifest, split, build_transform(cfg), dev, batch_size, num_workers)
     rows = torch.cat(gather_object([rows]))
     if not state.is_main_process:
@@ -124,10 +130,10 @@ def audit(checkpoint: str | Path, shards: str, out: str | Path, split: str = "tr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = []
-    for row in rows.tolist():
+    for row, flagged in zip(rows.tolist(), flagged_rows(rows).tolist()):
         record = {name: (int(v) if name != "score" else round(v, 5)) for name, v in zip(COLUMNS, row)}
         record["poisoned"] = bool(record["poisoned"])
-        record["flagged"] = record["own_pred"] == record["label"] and record["mind_control_pred"] != record["label"]
+        record["flagged"] = flagged
         lines.append(record)
     write_text(out / "samples.jsonl", "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in lines))
     plot_scores(rows, out / "scores.png")

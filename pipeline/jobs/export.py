@@ -23,10 +23,10 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
-from mcci_models import MCCI
-from mcci_models.sfrn import create_sfrn
-from pipeline.checkpoint import replace_dir
-from pipeline.eval_job import EvalError, load_trained
+from mcci_models import MCCI, create_sfrn
+from pipeline.components.checkpoint import replace_dir
+from pipeline.components.models import load_trained
+from pipeline.support.errors import JobError
 
 TOLERANCE = 1e-4  # of the largest logit: float32 re-association of the folded products
 
@@ -34,7 +34,7 @@ TOLERANCE = 1e-4  # of the largest logit: float32 re-association of the folded p
 def _classifier(model: nn.Module, arch: str) -> tuple[str, nn.Linear]:
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(classifier, nn.Linear):
-        raise EvalError(f"cannot fold {arch}: its classifier is {type(classifier).__name__}, not one Linear layer")
+        raise JobError(f"cannot fold {arch}: its classifier is {type(classifier).__name__}, not one Linear layer")
     return next(name for name, module in model.named_modules() if module is classifier), classifier
 
 
@@ -47,7 +47,7 @@ def fold_mind_control(model: MCCI, arch: str, num_classes: int, image_size: int)
     body = {k: v for k, v in model.sfrn.state_dict().items() if not k.startswith(prefix + ".")}
     missing, unexpected = plain.load_state_dict(body, strict=False)
     if unexpected or set(missing) != {f"{prefix}.weight", f"{prefix}.bias"}:
-        raise EvalError(f"cannot fold {arch}: its body differs from the trained SFRN ({missing or unexpected})")
+        raise JobError(f"cannot fold {arch}: its body differs from the trained SFRN ({missing or unexpected})")
     features = model.reference_feature.numel()
     w = model.head.weight.double()
     w_sfrn, w_ain = w[:, :features], w[:, features:]
@@ -61,7 +61,7 @@ def export(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the export folder; returns its config.json."""
     out = Path(out)
     if out.exists():
-        raise EvalError(f"{out} already exists; choose another --out or delete it")
+        raise JobError(f"{out} already exists; choose another --out or delete it")
     model, cfg, meta = load_trained(checkpoint, torch.device("cpu"))
     size, names = meta["image_size"], meta["class_names"]
     plain = fold_mind_control(model, cfg.model.sfrn, len(names), size) if isinstance(model, MCCI) else model
@@ -70,7 +70,7 @@ def export(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
         expected, got = model(probe), plain(probe)  # MCCI without spectra: mind control
     error = float((expected - got).abs().max() / expected.abs().max().clamp_min(1.0))
     if error > TOLERANCE:
-        raise EvalError(f"the exported {cfg.model.sfrn} differs from the MCCI model by {error:.2e} (relative); "
+        raise JobError(f"the exported {cfg.model.sfrn} differs from the MCCI model by {error:.2e} (relative); "
                         "not written")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

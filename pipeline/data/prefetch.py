@@ -13,7 +13,8 @@ from typing import Iterable, Iterator
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
-from pipeline.stream import Batch, EncodedBatch, ShardError
+from pipeline.data.batches import Batch, EncodedBatch
+from pipeline.support.errors import ShardError
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they remain the
 # batched nvJPEG path that torch wheels ship with, so the warning is silenced here, once.
@@ -43,14 +44,8 @@ def decode_batch(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
 
 def to_device(batch: Batch | EncodedBatch, device: torch.device) -> Batch:
     if isinstance(batch, EncodedBatch):
-        fields = (t.to(device, non_blocking=True) for t in (batch.labels, batch.orig_labels, batch.poisoned,
-                                                             batch.indices))
-        return Batch(decode_batch(batch, device), *fields)
+        return Batch(decode_batch(batch, device), *(t.to(device, non_blocking=True) for t in batch.fields()))
     return batch.to(device)
-
-
-def _tensors(batch: Batch) -> tuple[torch.Tensor, ...]:
-    return batch.images, batch.labels, batch.orig_labels, batch.poisoned, batch.indices
 
 
 def device_batches(batches: Iterable[Batch | EncodedBatch], device: torch.device) -> Iterator[Batch]:
@@ -73,7 +68,7 @@ def device_batches(batches: Iterable[Batch | EncodedBatch], device: torch.device
     while ready is not None:
         compute = torch.cuda.current_stream(device)
         compute.wait_stream(side)
-        for t in _tensors(ready):
+        for t in ready.tensors():
             t.record_stream(compute)  # the allocator must not reuse this memory before compute is done with it
         current, ready = ready, issue()
         yield current

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.config import OptimConfig
+from pipeline.support.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

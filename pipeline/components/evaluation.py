@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from mcci_models import MCCI
-from pipeline.device import InputTransform
-from pipeline.metrics import Counts, attack_targets, count_clean, count_triggered
-from pipeline.stream import ShardError, eval_loader
+from pipeline.data.loaders import eval_loader
+from pipeline.data.transforms import InputTransform
+from pipeline.support.errors import ShardError
+from pipeline.support.metrics import Counts, attack_targets, count_clean, count_triggered
 
 MCCI_MODES = ("own", "mind_control")
 

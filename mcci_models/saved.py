@@ -1,0 +1,76 @@
+"""A trained model's folder, as ``mcci train`` writes it: ``model.safetensors`` (weights and the
+mind-control reference), ``config.yaml`` (the job's resolved config) and ``model.json`` (classes,
+image size, attack, reference).
+
+Reading it lives beside the networks, so whatever needs a trained model (evaluation, or the attacks
+that optimise against a clean model) takes one without the training code. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+from mcci_models.factory import create_model
+from mcci_models.sfrn import ModelError
+
+MODEL_DIR = "model"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+MODEL_META = "model.json"
+
+
+def default_device() -> torch.device:
+    """Where a model runs when the user names no device: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_folder(directory: str | Path) -> Path:
+    """The folder holding the model files: ``directory`` itself or, for a training run, its ``model/``."""
+    d = Path(directory)
+    if (d / MODEL_DIR / WEIGHTS).exists():
+        d = d / MODEL_DIR
+    missing = [n for n in (WEIGHTS, CONFIG, MODEL_META) if not (d / n).is_file()]
+    if missing:
+        raise ModelError(f"{directory} is not a trained mcci model (missing {', '.join(missing)}); "
+                         "give the out folder of `mcci train` or its model/ folder")
+    return d
+
+
+def read_saved_model(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(config as a plain mapping, metadata, weights) of a saved model."""
+    d = model_folder(directory)
+    config = yaml.safe_load((d / CONFIG).read_text())
+    meta = json.loads((d / MODEL_META).read_text())
+    try:
+        weights = load_file(str(d / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ModelError(f"{d / WEIGHTS} is not a valid safetensors file: {e}") from e
+    return config, meta, weights
+
+
+def create_model_from_config(config: Mapping[str, Any], num_classes: int, image_size: int,
+                             load_pretrained: bool = True) -> nn.Module:
+    """The network a job config describes (its ``model`` section and ``train.defense``);
+    ``load_pretrained=False`` for one whose weights come from a saved model."""
+    m = config["model"]
+    return create_model(config["train"]["defense"], m["sfrn"], num_classes, image_size,
+                        pretrained=bool(m["pretrained"]) and load_pretrained,
+                        weights_file=m["weights_file"] if load_pretrained else None, feature_dim=m["feature_dim"],
+                        ain_widths=tuple(m["ain_widths"]), ain_dropouts=tuple(m["ain_dropouts"]))
+
+
+def load_saved_model(directory: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """(model in eval mode on ``device``, its config mapping, its metadata)."""
+    config, meta, weights = read_saved_model(directory)
+    model = create_model_from_config(config, meta["num_classes"], meta["image_size"], load_pretrained=False)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ModelError(f"{directory}: weights do not match its config ({str(e).splitlines()[0]})") from e
+    return model.to(device).eval(), config, meta

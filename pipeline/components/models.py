@@ -1,0 +1,57 @@
+"""The model and input transform a config describes, and a trained model loaded back with its config:
+what every job builds, kept apart from the train loop."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from torch import nn
+
+from mcci_models import create_model_from_config, load_saved_model
+from pipeline.data.manifest import load_manifest
+from pipeline.data.transforms import InputTransform
+from pipeline.support.config import Config, from_dict, to_dict
+from pipeline.support.errors import JobError
+
+
+def build_model(cfg: Config, num_classes: int, image_size: int, load_pretrained: bool = True) -> nn.Module:
+    """The network the config describes; ``load_pretrained=False`` for one whose weights come from
+    a saved model (no hub download, no weights file)."""
+    return create_model_from_config(to_dict(cfg), num_classes, image_size, load_pretrained)
+
+
+def build_transform(cfg: Config, seed: int = 0, spectra: bool = True) -> InputTransform:
+    """``spectra=False`` for jobs that only run mind control, which never reads an input's spectrum."""
+    return InputTransform(cfg.data.mean, cfg.data.std, cfg.data.augment, cfg.spectrum.normalisation,
+                          cfg.spectrum.backend, with_spectra=spectra and cfg.train.defense == "mcci", seed=seed,
+                          channels_last=cfg.train.channels_last)
+
+
+def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What ``model.json`` records beside the weights."""
+    return {"defense": cfg.train.defense, "class_names": manifest["class_names"],
+            "num_classes": manifest["num_classes"], "image_size": manifest["image_size"],
+            "target": manifest["target"], "mode": manifest.get("mode", "all-to-one"),
+            "attack": manifest["attack"]["name"], "reference": None}
+
+
+def load_trained(checkpoint: str | Path, device: torch.device) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """A saved model in eval mode on ``device``, its validated config and its metadata."""
+    model, config, meta = load_saved_model(checkpoint, device)
+    return model, from_dict(config), meta
+
+
+def load_matching_manifest(shards: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The shard folder's manifest, if its classes and image size are the model's."""
+    manifest = load_manifest(shards)
+    if manifest["num_classes"] != meta["num_classes"] or manifest["image_size"] != meta["image_size"]:
+        raise JobError(f"{shards} has {manifest['num_classes']} classes at {manifest['image_size']} px; the model "
+                       f"expects {meta['num_classes']} at {meta['image_size']} px")
+    return manifest
+
+
+def job_device(state: PartialState, device: str | None) -> torch.device:
+    """The device a job runs on: the one the user named when it runs alone, else its rank's."""
+    return torch.device(device) if device and state.num_processes == 1 else state.device
