@@ -187,3 +187,15 @@ def test_a_label_outside_the_classes_is_refused_when_read(tiny_shards, tmp_path,
     with pytest.raises(ShardError, match=r"train-000001.tar has label 7, outside the manifest's 3 classes"):
         for _ in eval_loader(str(shards), load_manifest(str(shards)), "train", 8, 0, decode=decode):
             pass
+
+
+def test_fingerprint_follows_the_content(tiny_shards):
+    import json
+
+    from pipeline.data.manifest import fingerprint, load_manifest
+
+    manifest = load_manifest(str(tiny_shards))
+    assert fingerprint(manifest) == fingerprint(json.loads(json.dumps(manifest)))  # key order does not matter
+    changed = json.loads(json.dumps(manifest))
+    changed["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
+    assert fingerprint(changed) != fingerprint(manifest)

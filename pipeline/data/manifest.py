@@ -1,6 +1,7 @@
 """A shard folder's manifest and the URLs of its shards: local paths, http(s), s3:// and gs://."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from typing import Any
@@ -50,3 +51,9 @@ def shard_urls(location: str, manifest: dict[str, Any], split: str) -> list[str]
     if not urls:
         raise ShardError(f"split {split!r} of {location} has no shards (0 samples)")
     return urls
+
+
+def fingerprint(manifest: dict[str, Any]) -> str:
+    """A short id of a shard folder's content: the sha256 of its manifest, which holds every shard's
+    sha256, the attack and its parameters, the seed and the class names."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
