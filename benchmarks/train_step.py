@@ -4,7 +4,8 @@
         [--batch 128] [--precision bf16] [--size 224] [--compile inductor] [--channels-last]
         [--shards DIR [--decode auto|workers|device]] [--out FILE]
 
-(a) synthetic uint8 images already on the device; (b) with --shards, the real shard-fed pipeline
+Every step is the trainer's own (``pipeline.jobs.train.train_step`` with the trainer's optimiser,
+schedule and Accelerate autocast). (a) synthetic uint8 images already on the device; (b) with --shards, the real shard-fed pipeline
 (webdataset workers read, decode on the device or in the workers, the device augments and computes
 spectra, the next batch prepared on a side stream: pipeline/data/prefetch.py). FLOPs are counted with
 PyTorch's FlopCounterMode on one forward pass (2 per multiply-add); a training step is taken as 3x
@@ -18,24 +19,32 @@ import time
 
 import torch
 
+from accelerate import Accelerator
+
 from benchmarks.common import sync, timed, vit_transform, write_result
 from mcci_models import create_model
 from pipeline.components.flops import forward_flops
+from pipeline.components.optim import build_optimizer, build_scheduler
 from pipeline.data.spectra import spectrum
-from pipeline.jobs.train import classification_loss
+from pipeline.jobs.train import model_inputs, train_step
+from pipeline.support.config import OptimConfig
+
+# the trainer's defaults: AdamW, cosine schedule, gradient clipping at 5
+RECIPE = OptimConfig()
 
 
-def step_fn(model, optimizer, transform, images, labels, precision):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+def trainer_step(accelerator: Accelerator, model: torch.nn.Module, transform, images: torch.Tensor,
+                 labels: torch.Tensor) -> tuple:
+    """The trainer's own optimiser, schedule and step function (pipeline.jobs.train.train_step), on the
+    model after ``accelerator.prepare``; returns (prepared model, a step closure)."""
+    optimizer = build_optimizer(model, RECIPE)
+    scheduler = build_scheduler(optimizer, RECIPE, steps_per_epoch=1000, total_steps=10**6)
+    model, optimizer = accelerator.prepare(model, optimizer)
 
-    def step():
-        inputs = transform(images, train=True)
-        with torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = classification_loss(model, inputs, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
+    def step() -> None:
+        train_step(accelerator, model, optimizer, scheduler, model_inputs(transform, images, None), labels,
+                   RECIPE.grad_clip)
+    return model, step
 
 
 def prepared(model: torch.nn.Module, args) -> torch.nn.Module:
@@ -46,8 +55,8 @@ def prepared(model: torch.nn.Module, args) -> torch.nn.Module:
     return model
 
 
-def bench_model(name: str, args, device) -> dict:
-    size = args.size
+def bench_model(name: str, args, accelerator: Accelerator) -> dict:
+    size, device = args.size, accelerator.device
     out = {"model": name}
     images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (args.batch,), device=device)
@@ -55,10 +64,9 @@ def bench_model(name: str, args, device) -> dict:
         model = create_model(defense, name, 10, size).to(device).train()
         flops = 3 * (forward_flops(model.sfrn, (1, 3, size, size)) + forward_flops(model.ain, (1, 3, size, size))
                      if defense == "mcci" else forward_flops(model, (1, 3, size, size)))
-        model = prepared(model, args)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         transform = vit_transform(with_spectra=defense == "mcci", channels_last=args.channels_last)
-        s = timed(step_fn(model, optimizer, transform, images, labels, args.precision), device, warmup=5, repeat=args.repeat)
+        model, step = trainer_step(accelerator, prepared(model, args), transform, images, labels)
+        s = timed(step, device, warmup=5, repeat=args.repeat)
         ips = args.batch / s
         key = "plain" if defense == "none" else "mcci"
         out[f"{key}_images_per_s"] = round(ips, 1)
@@ -72,29 +80,33 @@ def bench_model(name: str, args, device) -> dict:
             spec_s = timed(lambda: spectrum(pixels, "log"), device, repeat=args.repeat)
             out["spectrum_ms_per_batch"] = round(spec_s * 1e3, 3)
             out["spectrum_share_of_mcci_step"] = round(spec_s / s, 4)
-        del model, optimizer
+        del model, step
     out["mcci_slowdown_vs_plain"] = round(out["plain_images_per_s"] / out["mcci_images_per_s"] - 1, 4)
     if args.shards:
-        out.update(shard_fed(name, args, device))
+        out.update(shard_fed(name, args, accelerator))
     return out
 
 
-def shard_fed(name: str, args, device) -> dict:
+def shard_fed(name: str, args, accelerator: Accelerator) -> dict:
     """MCCI steps fed by the real loader; images/s over a fixed number of steps after warm-up."""
     from pipeline.data.loaders import train_loader
     from pipeline.data.manifest import load_manifest
     from pipeline.data.prefetch import device_batches, resolve_decode
 
+    device = accelerator.device
     manifest = load_manifest(args.shards)
     model = prepared(create_model("mcci", name, manifest["num_classes"], manifest["image_size"]).to(device).train(), args)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = build_optimizer(model, RECIPE)
+    scheduler = build_scheduler(optimizer, RECIPE, steps_per_epoch=1000, total_steps=10**6)
+    model, optimizer = accelerator.prepare(model, optimizer)
     transform = vit_transform(with_spectra=True, channels_last=args.channels_last)
     steps = args.shard_steps
     decode = resolve_decode(args.decode, manifest["image_format"], device)
     loader = train_loader(args.shards, manifest, args.batch, steps + 5, args.workers, 2000, 0, 0, decode=decode)
     done, start = 0, None
     for batch in device_batches(loader, device):
-        step_fn(model, optimizer, transform, batch.images, batch.labels, args.precision)()
+        train_step(accelerator, model, optimizer, scheduler, model_inputs(transform, batch.images, None), batch.labels,
+                   RECIPE.grad_clip)
         done += 1
         if done == 5:
             sync(device)
@@ -120,11 +132,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--out")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    rows = [bench_model(name, args, device) for name in args.models]
+    # the trainer's Accelerator: its autocast, no TF32 switched on that training would not have
+    accelerator = Accelerator(mixed_precision=args.precision)
+    device = accelerator.device
+    rows = [bench_model(name, args, accelerator) for name in args.models]
     result = {"device": device.type, "batch": args.batch, "precision": args.precision, "size": args.size,
               "compile": args.compile, "channels_last": args.channels_last, "rows": rows}
     if device.type == "cuda":  # MFU is only computed against a GPU's peak

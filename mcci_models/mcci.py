@@ -34,8 +34,8 @@ class MCCI(nn.Module):
         if spectra is not None:
             return self.fuse(*self.features(images, spectra))
         if not bool(self.has_reference):
-            raise RuntimeError("this MCCI model has no mind-control reference yet; "
-                               "compute one with pipeline.reference.compute_reference or `mcci eval`")
+            raise RuntimeError("this MCCI model has no mind-control reference yet; set one with MCCI.set_reference, "
+                               "or load the model folder `mcci train` saved (it holds one)")
         sfrn_features = self.sfrn(images)
         return self.fuse(sfrn_features, self.reference_feature.expand(images.shape[0], -1))
 

@@ -37,14 +37,21 @@ def test_eval_writes_metrics_json_with_der(trained, tiny_shards, tmp_path):
     main(["eval", "--checkpoint", str(trained / "mcci"), "--shards", str(tiny_shards), "--out", str(tmp_path / "m.json"),
           "--baseline-metrics", str(tmp_path / "b.json"), "--reference", "spectrum:test-clean:3", "--num-workers", "0",
           "--device", "cpu"])
-    baseline = json.loads((tmp_path / "b.json").read_text())
-    assert set(baseline["baseline"]) == {"clean_acc", "asr", "ra"}
+    from pipeline.support.metrics import defense_effectiveness_rating
+
+    baseline = json.loads((tmp_path / "b.json").read_text())["baseline"]
+    assert set(baseline) == {"clean_acc", "asr", "ra"}
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(metrics["mcci"]) == {"own", "mind_control"}
-    for mode in metrics["mcci"].values():
+    # 12 clean test images; 8 triggered ones whose true label is not the target (3 classes x 4, target 0)
+    for mode in [*metrics["mcci"].values(), *metrics["references"].values()]:
         assert set(mode) == {"clean_acc", "asr", "ra", "der"}
-        assert all(0.0 <= v <= 1.0 for v in mode.values())
+        assert (mode["clean_acc"] * 12) == pytest.approx(round(mode["clean_acc"] * 12))
+        assert (mode["asr"] * 8) == pytest.approx(round(mode["asr"] * 8))
+        assert mode["asr"] + mode["ra"] <= 1.0
+        assert mode["der"] == pytest.approx(defense_effectiveness_rating(baseline, mode))
     assert set(metrics["references"]) == {"spectrum:test-clean:3"}
+    assert metrics["reference"]["count"] == 4 and metrics["reference"]["source"] == "trusted"
 
 
 def test_existing_run_is_not_overwritten(trained, tiny_shards):
@@ -162,7 +169,9 @@ def test_compile_device_decode_and_channels_last_compute_the_same_steps(tiny_sha
     assert losses("fast", "train.compile=aot_eager", "data.decode=device") == pytest.approx(plain, rel=1e-4)
     assert losses("nhwc", "train.channels_last=true", "train.defense=none") == pytest.approx(
         losses("nchw", "train.defense=none"), rel=1e-4)
-    # the saved weights keep their plain names, so eval loads them
-    main(["eval", "--checkpoint", str(tmp_path / "fast"), "--shards", str(tiny_shards), "--num-workers", "0",
-          "--device", "cpu", "--out", str(tmp_path / "m.json")])
-    assert json.loads((tmp_path / "m.json").read_text())["mcci"]["own"]["clean_acc"] >= 0
+    # the saved weights keep their plain names, so eval loads them, and they score as the plain run's
+    for name in ("fast", "plain"):
+        main(["eval", "--checkpoint", str(tmp_path / name), "--shards", str(tiny_shards), "--num-workers", "0",
+              "--device", "cpu", "--out", str(tmp_path / f"{name}.json")])
+    fast, plain_metrics = (json.loads((tmp_path / f"{n}.json").read_text())["mcci"] for n in ("fast", "plain"))
+    assert fast == plain_metrics

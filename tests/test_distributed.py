@@ -94,6 +94,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_shards, tmp_path)
     for key in a:  # deterministic on the CPU: the resumed run is the uninterrupted run
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+    logs = [[(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / run / "train_log.jsonl").read_text().splitlines())]
+            for run in ("straight", "killed")]
+    assert logs[0] == logs[1]  # the steps run again after the resume are logged once
 
 
 def test_two_rank_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run(tiny_shards, tmp_path):

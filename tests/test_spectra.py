@@ -70,3 +70,17 @@ def test_gpu_backends_match_scipy(backend, size):
     expected = scipy.fft.dctn(x.cpu().double().numpy(), type=2, axes=(-2, -1), norm="ortho")
     got = dct2(x, backend).cpu().double().numpy()
     assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5
+
+
+def test_full_fp32_matmul_works_after_the_new_tf32_api_was_used():
+    from pipeline.data.spectra import full_fp32_matmul
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"  # as a training script would; the legacy flag now raises if touched
+        with full_fp32_matmul():
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before

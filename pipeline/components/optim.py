@@ -4,19 +4,26 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from pipeline.support.config import OptimConfig
 
 
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full parameter names that timm's models exclude from weight decay (``no_weight_decay()``:
+    position embeddings, class tokens, ...), wherever the model sits, e.g. inside MCCI as ``sfrn``."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            names |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return names
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Weight decay on weight matrices and kernels only, not on biases, norms or embeddings."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith((".pos_embed", ".cls_token")) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """timm's weight-decay rule, the same for a bare SFRN and one inside MCCI: no decay on biases,
+    1-D parameters (norms) and what the model's ``no_weight_decay()`` names."""
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_weight_decay_names(model))
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     if cfg.name == "adam":

@@ -15,7 +15,9 @@ them to a range that is safe to cast for the AIN.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from functools import lru_cache
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -83,13 +85,31 @@ def dct2(pixels: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     with torch.autocast(device_type=pixels.device.type, enabled=False):
         x = pixels.float()
         if x.device.type == "cuda":
-            previous = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False  # TF32 keeps 10 mantissa bits: 1e-3 error
-            try:
+            with full_fp32_matmul():  # TF32 keeps 10 mantissa bits: 1e-3 error
                 return _BACKEND_FNS[backend](x)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = previous
         return _BACKEND_FNS[backend](x)
+
+
+@contextmanager
+def full_fp32_matmul() -> Iterator[None]:
+    """CUDA fp32 matmuls without TF32 inside, the caller's setting restored after. Uses the
+    ``fp32_precision`` API where torch has it: once anything sets that, reading or writing the
+    legacy ``allow_tf32`` flag raises."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+    else:  # torch < 2.9
+        previous = matmul.allow_tf32
+        matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous
 
 
 def normalise(coefficients: torch.Tensor, mode: str = "log") -> torch.Tensor:

@@ -82,7 +82,8 @@ class ReferenceConfig:
 class TrainConfig:
     defense: str = "mcci"  # mcci | none (the undefended baseline: the SFRN alone)
     epochs: int = 10
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    # auto: the launcher's (accelerate launch --mixed_precision), else no; an explicit value wins over the launcher
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16
     seed: int = 0
     out: str = "runs/default"
     log_every: int = 50  # steps
@@ -112,7 +113,7 @@ CHOICES = {
     "reference.kind": ("feature", "spectrum"),
     "reference.source": ("trusted", "train", "test-clean"),
     "train.defense": ("mcci", "none"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.compile": ("no", "inductor", "aot_eager", "eager"),
     "data.decode": ("auto", "workers", "device"),
 }
