@@ -14,6 +14,7 @@ from conftest import TINY_TRAIN
 from mcci_models import create_model, create_sfrn
 from pipeline.cli import main
 from pipeline.components.optim import build_optimizer, build_scheduler
+from pipeline.components import distributed, run_checks
 from pipeline.jobs import train as train_job
 from pipeline.support.config import OptimConfig, load_config
 from pipeline.support.errors import ConfigError
@@ -69,9 +70,9 @@ def test_a_bf16_training_step_runs_on_the_cpu(tiny_shards, tmp_path):
 def test_deepspeed_config_gets_the_configured_clip_and_batch():
     ds = json.loads((ROOT / "configs" / "deepspeed" / "zero2.json").read_text())
     assert ds["gradient_clipping"] == "auto"  # what Accelerate would fill with its own constant
-    train_job.configure_deepspeed(ds, load_config(None, ["optim.grad_clip=2.5", "data.batch_size=48"]))
+    distributed.configure_deepspeed(ds, load_config(None, ["optim.grad_clip=2.5", "data.batch_size=48"]))
     assert ds["gradient_clipping"] == 2.5 and ds["train_micro_batch_size_per_gpu"] == 48
-    train_job.configure_deepspeed(ds, load_config(None, ["optim.grad_clip=0"]))
+    distributed.configure_deepspeed(ds, load_config(None, ["optim.grad_clip=0"]))
     assert ds["gradient_clipping"] == 0  # off means off
 
 
@@ -83,9 +84,9 @@ def test_deepspeed_bf16_inputs_are_cast_after_fp32_spectra():
     def fake(plugin, precision):
         return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), mixed_precision=precision)
 
-    assert train_job.deepspeed_input_dtype(fake(None, "bf16")) is None  # autocast handles it without DeepSpeed
-    assert train_job.deepspeed_input_dtype(fake(object(), "no")) is None
-    dtype = train_job.deepspeed_input_dtype(fake(object(), "bf16"))
+    assert distributed.deepspeed_input_dtype(fake(None, "bf16")) is None  # autocast handles it without DeepSpeed
+    assert distributed.deepspeed_input_dtype(fake(object(), "no")) is None
+    dtype = distributed.deepspeed_input_dtype(fake(object(), "bf16"))
     assert dtype == torch.bfloat16
     cfg = load_config(None, ["data.augment.hflip=false"])
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
@@ -97,7 +98,7 @@ def test_deepspeed_bf16_inputs_are_cast_after_fp32_spectra():
 
 def test_ranks_draw_different_dropout_masks():
     def mask(rank: int) -> torch.Tensor:
-        train_job.seed_rank_randomness(0, rank)
+        distributed.seed_rank_randomness(0, rank)
         return nn.functional.dropout(torch.ones(256), 0.5) > 0
 
     assert not torch.equal(mask(0), mask(1))
@@ -107,11 +108,11 @@ def test_ranks_draw_different_dropout_masks():
 def test_mixed_precision_has_one_source(monkeypatch):
     said = []
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    assert train_job.resolve_mixed_precision(load_config(None, []), said.append) == "no"
+    assert distributed.resolve_mixed_precision(load_config(None, []), said.append) == "no"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    assert train_job.resolve_mixed_precision(load_config(None, []), said.append) == "bf16"  # auto follows the launcher
+    assert distributed.resolve_mixed_precision(load_config(None, []), said.append) == "bf16"  # auto follows the launcher
     assert said == []
-    assert train_job.resolve_mixed_precision(load_config(None, ["train.mixed_precision=no"]), said.append) == "no"
+    assert distributed.resolve_mixed_precision(load_config(None, ["train.mixed_precision=no"]), said.append) == "no"
     assert "launcher asks for mixed precision 'bf16'" in said[0] and "train.mixed_precision='no'" in said[0]
 
 
@@ -120,18 +121,18 @@ def test_resume_identity_names_every_changed_key(tiny_shards):
 
     manifest = load_manifest(str(tiny_shards))
     cfg = load_config(None, [f"data.shards={tiny_shards}"])
-    saved = train_job.run_identity(cfg, manifest, world_size=2, mixed_precision="no")
-    train_job.check_resume_identity(saved, train_job.run_identity(cfg, manifest, 2, "no"))
-    train_job.check_resume_identity(None, saved)  # checkpoints from before identities were recorded
+    saved = run_checks.run_identity(cfg, manifest, world_size=2, mixed_precision="no")
+    run_checks.check_resume_identity(saved, run_checks.run_identity(cfg, manifest, 2, "no"))
+    run_checks.check_resume_identity(None, saved)  # checkpoints from before identities were recorded
     with pytest.raises(ConfigError, match=r"world_size: 2 -> 4"):
-        train_job.check_resume_identity(saved, train_job.run_identity(cfg, manifest, 4, "no"))
+        run_checks.check_resume_identity(saved, run_checks.run_identity(cfg, manifest, 4, "no"))
     other = load_config(None, [f"data.shards={tiny_shards}", "train.epochs=20", "optim.lr=0.1"])
     with pytest.raises(ConfigError, match=r"optim.lr: 0.001 -> 0.1; train.epochs: 10 -> 20"):
-        train_job.check_resume_identity(saved, train_job.run_identity(other, manifest, 2, "no"))
+        run_checks.check_resume_identity(saved, run_checks.run_identity(other, manifest, 2, "no"))
     changed = json.loads(json.dumps(manifest))
     changed["attack"]["name"] = "blended"
     with pytest.raises(ConfigError, match=r"data.attack: 'badnets' -> 'blended'; data.fingerprint"):
-        train_job.check_resume_identity(saved, train_job.run_identity(cfg, changed, 2, "no"))
+        run_checks.check_resume_identity(saved, run_checks.run_identity(cfg, changed, 2, "no"))
 
 
 def test_resume_with_another_batch_size_is_refused(tiny_shards, tmp_path, capsys):
@@ -148,8 +149,8 @@ def test_resume_with_another_batch_size_is_refused(tiny_shards, tmp_path, capsys
 def test_a_non_finite_loss_stops_with_exit_2_naming_the_step(tiny_shards, tmp_path, monkeypatch, capsys):
     real = train_job.classification_loss
 
-    def diverging(model, inputs, labels):
-        loss = real(model, inputs, labels)
+    def diverging(*args):
+        loss = real(*args)
         return loss * float("nan") if diverging.calls >= 2 else loss
 
     def counted(*args):
@@ -180,7 +181,114 @@ def test_data_dependent_settings_are_refused_before_training(tiny_shards, tmp_pa
 def test_raw_spectra_in_fp16_above_256_px_are_refused():
     manifest = {"image_size": 320, "splits": {"trusted": {"count": 100}}}
     cfg = load_config(None, ["spectrum.normalisation=raw"])
-    train_job.check_data_for_run(cfg, {**manifest, "image_size": 256}, "fp16")
-    train_job.check_data_for_run(cfg, manifest, "bf16")
+    run_checks.check_data_for_run(cfg, {**manifest, "image_size": 256}, "fp16")
+    run_checks.check_data_for_run(cfg, manifest, "bf16")
     with pytest.raises(ConfigError, match="overflows fp16 .* 255\\*320 = 81600"):
-        train_job.check_data_for_run(cfg, manifest, "fp16")
+        run_checks.check_data_for_run(cfg, manifest, "fp16")
+
+
+def test_layer_decay_head_scale_and_probe_shape_the_learning_rates():
+    model = create_model("mcci", "vit_tiny_patch16_224", 10, 32, feature_dim=10, ain_widths=(4, 4, 4))
+    cfg = OptimConfig(lr=1e-3, layer_decay=0.5, head_lr_scale=10.0, probe_epochs=1.0, warmup_epochs=0.0)
+    optimizer = build_optimizer(model, cfg)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert lr_of[id(params["sfrn.blocks.11.mlp.fc1.weight"])] == pytest.approx(1e-3 * 0.5)  # last block
+    assert lr_of[id(params["sfrn.blocks.0.mlp.fc1.weight"])] == pytest.approx(1e-3 * 0.5 ** 12)
+    assert lr_of[id(params["sfrn.patch_embed.proj.weight"])] == pytest.approx(1e-3 * 0.5 ** 13)  # the stem: deepest
+    for name in ("sfrn.head.weight", "ain.net.0.0.weight", "head.weight"):  # new at fine-tuning
+        assert lr_of[id(params[name])] == pytest.approx(1e-2)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=4, total_steps=12)
+    role_lrs = []
+    for _ in range(6):
+        role_lrs.append({g["role"]: g["lr"] for g in optimizer.param_groups})
+        optimizer.step()
+        scheduler.step()
+    assert all(r["body"] == 0 for r in role_lrs[:4]) and role_lrs[4]["body"] > 0  # the probe, then the body
+    assert all(r["new"] > 0 for r in role_lrs)
+
+
+def test_validation_each_epoch_matches_eval_of_the_saved_model(trained, tiny_shards, tmp_path):
+    records = [json.loads(line) for line in (trained / "mcci" / "val_log.jsonl").read_text().splitlines()]
+    assert {(r["epoch"], r["weights"], r["mode"]) for r in records} == {(1, "raw", "own"), (1, "raw", "mind_control")}
+    assert (trained / "mcci" / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
+    main(["eval", "--checkpoint", str(trained / "mcci"), "--shards", str(tiny_shards), "--num-workers", "0",
+          "--device", "cpu", "--out", str(tmp_path / "m.json")])
+    evaluated = json.loads((tmp_path / "m.json").read_text())["mcci"]
+    # the last validation used the reference the saved model keeps: the same figures as `mcci eval`
+    assert {r["mode"]: {k: r[k] for k in ("clean_acc", "asr", "ra")} for r in records} == evaluated
+
+
+def test_frozen_bn_stats_keep_the_sfrns_and_train_the_ains(tiny_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    main(["train", f"data.shards={tiny_shards}", f"train.out={tmp_path / 'f'}", *TINY_TRAIN, "train.freeze_bn_stats=true",
+          "train.eval_every=0"])
+    weights = load_file(str(tmp_path / "f" / "model" / "model.safetensors"))
+    sfrn_means = [v for k, v in weights.items() if k.startswith("sfrn.") and k.endswith("running_mean")]
+    ain_means = [v for k, v in weights.items() if k.startswith("ain.") and k.endswith("running_mean")]
+    assert sfrn_means and all(torch.equal(v, torch.zeros_like(v)) for v in sfrn_means)  # as initialised
+    assert ain_means and all(v.abs().sum() > 0 for v in ain_means)
+    assert not (tmp_path / "f" / "val_log.jsonl").read_text()  # eval_every=0: no validation
+
+
+def test_ema_is_validated_saved_and_resumed_exactly(tiny_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    run = [f"data.shards={tiny_shards}", *TINY_TRAIN, "train.epochs=2", "train.ema_decay=0.5",
+           "train.checkpoint_every=3", "train.keep_checkpoints=10"]
+    main(["train", *run, f"train.out={tmp_path / 'straight'}"])
+    records = [json.loads(line) for line in (tmp_path / "straight" / "val_log.jsonl").read_text().splitlines()]
+    assert {r["weights"] for r in records} == {"raw", "ema"}
+    assert (tmp_path / "straight" / "checkpoints" / "step-00000003" / "ema.safetensors").is_file()
+    (tmp_path / "crashed" / "checkpoints").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-00000003",
+                    tmp_path / "crashed" / "checkpoints" / "step-00000003")
+    main(["train", *run, f"train.out={tmp_path / 'crashed'}", "train.resume=true"])
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "model" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    ema = load_file(str(tmp_path / "straight" / "checkpoints" / "step-00000010" / "ema.safetensors"))
+    assert all(torch.equal(ema[k].float(), a[k].float()) for k in ema if k in a and not k.startswith("reference")
+               and k != "has_reference")  # the saved model is the EMA
+
+
+def test_label_smoothing_reaches_the_loss():
+    from pipeline.data.transforms import ModelInputs
+
+    model = nn.Linear(4, 3)
+    forward = lambda images: model(images)  # noqa: E731
+    inputs = ModelInputs(torch.randn(5, 4), None)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    plain = train_job.classification_loss(forward, inputs, labels)
+    smooth = train_job.classification_loss(forward, inputs, labels, 0.2)
+    expected = nn.functional.cross_entropy(model(inputs.images), labels, label_smoothing=0.2).item()
+    assert smooth.item() == pytest.approx(expected)
+    assert smooth.item() != pytest.approx(plain.item())
+
+
+def test_trackers_auto_named_and_refused(tiny_shards, tmp_path, monkeypatch):
+    from pipeline.components.trackers import resolve_trackers
+
+    assert resolve_trackers(("none",)) == []
+    with pytest.raises(ConfigError, match="train.trackers names 'neptune'"):
+        resolve_trackers(("neptune",))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="'wandb', which is not installed; pip install wandb"):
+        resolve_trackers(("wandb",))
+    if real("tensorboard") is None:
+        assert resolve_trackers(("auto",)) == []
+        return
+    assert resolve_trackers(("auto",)) == ["tensorboard"]
+    main(["train", f"data.shards={tiny_shards}", f"train.out={tmp_path / 'tb'}", *TINY_TRAIN])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent)).Reload()
+    assert {"train/loss", "val/raw/mind_control/asr"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]

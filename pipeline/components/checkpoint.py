@@ -5,8 +5,9 @@ Two kinds:
   reference buffers), ``config.yaml`` (the resolved job config) and ``model.json`` (class names,
   image size, the attack target, how the reference was made). Loading never unpickles anything.
 - resumable training state, ``<out>/checkpoints/step-NNNNNNNN/``: Accelerate's ``save_state``
-  (model, optimizer, scheduler, scaler, RNG) plus ``trainer.json`` (epoch, step), which is written
-  last: a folder without it is incomplete and ignored.
+  (model, optimizer, scheduler, scaler, RNG), ``ema.safetensors`` when the run keeps an EMA, plus
+  ``trainer.json`` (epoch, step, the run's identity), which is written last: a folder without it is
+  incomplete and ignored.
 
 Every folder is written under a temporary name and renamed into place, so a crash never leaves a
 checkpoint that looks complete.
@@ -21,12 +22,13 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mcci_models.saved import CONFIG, MODEL_META, WEIGHTS
 from pipeline.support.config import Config, to_dict
 
 TRAINER_STATE = "trainer.json"
+EMA_WEIGHTS = "ema.safetensors"
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -62,8 +64,10 @@ def checkpoint_dirs(out: str | Path) -> list[Path]:
                   and (p / TRAINER_STATE).is_file())
 
 
-def save_training_state(accelerator, out: str | Path, trainer_state: dict[str, Any], keep: int) -> Path:
-    """Accelerate's full state plus ``trainer.json``, atomically; keeps the newest ``keep``."""
+def save_training_state(accelerator, out: str | Path, trainer_state: dict[str, Any], keep: int,
+                        ema: dict[str, torch.Tensor] | None = None) -> Path:
+    """Accelerate's full state plus ``trainer.json`` (and the EMA weights, as safetensors), atomically;
+    keeps the newest ``keep``."""
     root = Path(out) / "checkpoints"
     final = root / f"step-{trainer_state['step']:08d}"
     tmp = root / (final.name + ".tmp")
@@ -74,6 +78,8 @@ def save_training_state(accelerator, out: str | Path, trainer_state: dict[str, A
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / EMA_WEIGHTS))
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state))
         replace_dir(tmp, final)
         for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
@@ -82,6 +88,8 @@ def save_training_state(accelerator, out: str | Path, trainer_state: dict[str, A
     return final
 
 
-def load_training_state(accelerator, checkpoint: Path) -> dict[str, Any]:
+def load_training_state(accelerator, checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """``trainer.json`` and the EMA weights (None if the run kept none), after Accelerate restored the rest."""
     accelerator.load_state(str(checkpoint))
-    return json.loads((checkpoint / TRAINER_STATE).read_text())
+    ema = load_file(str(checkpoint / EMA_WEIGHTS)) if (checkpoint / EMA_WEIGHTS).is_file() else None
+    return json.loads((checkpoint / TRAINER_STATE).read_text()), ema

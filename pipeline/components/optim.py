@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 from pipeline.support.config import OptimConfig
@@ -20,10 +20,43 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
+def new_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What fine-tuning adds to a pre-trained SFRN: its classifier and, for MCCI, the AIN and fusion head."""
+    sfrn = getattr(model, "sfrn", model)
+    added = list(sfrn.get_classifier().parameters()) if hasattr(sfrn, "get_classifier") else []
+    if sfrn is not model:  # MCCI
+        added += [*model.ain.parameters(), *model.head.parameters()]
+    return added
+
+
+def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """One group per (weight decay, LR scale, role). Weight decay follows timm's rule, the same for a
+    bare SFRN and one inside MCCI: none on biases, 1-D parameters (norms) and what the model's
+    ``no_weight_decay()`` names. ``layer_decay < 1`` scales the SFRN body's LR per block with timm's
+    layer map; parameters new at fine-tuning take ``head_lr_scale``. Each group's ``lr`` is set, so
+    the schedule multiplies the right base."""
+    decay_of = {id(p): group["weight_decay"] for group in param_groups_weight_decay(
+        model, cfg.weight_decay, no_weight_decay_list=no_weight_decay_names(model)) for p in group["params"]}
+    sfrn = getattr(model, "sfrn", model)  # MCCI's backbone, or the bare SFRN
+    layer_scale: dict[int, float] = {}
+    if cfg.layer_decay < 1.0:
+        for group in param_groups_layer_decay(sfrn, cfg.weight_decay, layer_decay=cfg.layer_decay):
+            layer_scale.update({id(p): group["lr_scale"] for p in group["params"]})
+    new = {id(p) for p in new_parameters(model)}
+    buckets: dict[tuple[float, float, str], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        decay = decay_of[id(p)]
+        role = "new" if id(p) in new else "body"
+        scale = cfg.head_lr_scale if role == "new" else layer_scale.get(id(p), 1.0)
+        buckets.setdefault((decay, scale, role), []).append(p)
+    return [{"params": params, "weight_decay": decay, "lr_scale": scale, "role": role, "lr": cfg.lr * scale}
+            for (decay, scale, role), params in buckets.items()]
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """timm's weight-decay rule, the same for a bare SFRN and one inside MCCI: no decay on biases,
-    1-D parameters (norms) and what the model's ``no_weight_decay()`` names."""
-    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=no_weight_decay_names(model))
+    groups = parameter_groups(model, cfg)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     if cfg.name == "adam":
@@ -35,18 +68,26 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then cosine to zero, a step decay at ``step_epochs``, or constant."""
+    """Per step: linear warmup, then cosine to zero, a step decay at ``step_epochs``, or constant.
+    With ``probe_epochs``, the body's groups hold LR 0 for the probe and start their warmup after it."""
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    probe = int(cfg.probe_epochs * steps_per_epoch)
     milestones = [e * steps_per_epoch for e in cfg.step_epochs]
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
+    def factor(step: int, start: int = 0) -> float:
+        if step < start:
+            return 0.0
+        if step - start < warmup:
+            return (step - start + 1) / warmup
         if cfg.schedule == "cosine":
-            progress = (step - warmup) / max(1, total_steps - warmup)
+            progress = (step - start - warmup) / max(1, total_steps - start - warmup)
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         if cfg.schedule == "step":
             return cfg.step_gamma ** sum(step >= m for m in milestones)
         return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def body(step: int) -> float:
+        return factor(step, probe)
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [body if group.get("role") == "body" and probe else factor for group in optimizer.param_groups])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
@@ -25,107 +25,32 @@ from mcci_models import MCCI
 from mcci_models.saved import MODEL_DIR
 from pipeline.components.checkpoint import (TRAINER_STATE, checkpoint_dirs, load_training_state, save_model,
                                            save_training_state)
+from pipeline.components.distributed import (configure_deepspeed, deepspeed_input_dtype, resolve_mixed_precision,
+                                             seed_rank_randomness, shards_parameters)
 from pipeline.components.evaluation import set_model_reference
 from pipeline.components.flops import forward_flops
 from pipeline.components.models import build_model, build_transform, model_meta
 from pipeline.components.optim import build_optimizer, build_scheduler
+from pipeline.components.run_checks import check_data_for_run, check_resume_identity, run_identity
+from pipeline.components.trackers import flat_config, resolve_trackers
+from pipeline.components.validation import VAL_LOG, describe, validate
 from pipeline.data.loaders import steps_per_epoch, train_loader
-from pipeline.data.manifest import fingerprint, load_manifest
+from pipeline.data.manifest import load_manifest
 from pipeline.data.prefetch import device_batches, resolve_decode
 from pipeline.data.transforms import InputTransform, ModelInputs
-from pipeline.support.config import Config, load_config, to_dict
-from pipeline.support.errors import ConfigError, JobError, ShardError
+from pipeline.support.config import Config, load_config
+from pipeline.support.errors import ConfigError, JobError
+from pipeline.support.plots import TRAIN_CURVES, VAL_CURVES, plot_training_log, plot_validation_log
 from pipeline.support.report import write_text
 
 TRAIN_LOG = "train_log.jsonl"
 
 
-def classification_loss(model: nn.Module, inputs: ModelInputs, labels: torch.Tensor) -> torch.Tensor:
+def classification_loss(model: nn.Module, inputs: ModelInputs, labels: torch.Tensor,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the model as trained: with each input's own spectrum for MCCI."""
     logits = model(inputs.images, inputs.spectra) if inputs.spectra is not None else model(inputs.images)
-    return F.cross_entropy(logits.float(), labels)
-
-
-# What defines a run: resuming with any of these changed would not continue the same run.
-RUN_SECTIONS = ("model", "spectrum", "optim")
-RUN_KEYS = ("data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.mean", "data.std", "data.augment",
-            "train.defense", "train.epochs", "train.seed", "train.mixed_precision")
-FP16_MAX = 65504.0
-
-
-def run_identity(cfg: Config, manifest: dict[str, Any], world_size: int, mixed_precision: str) -> dict[str, Any]:
-    """The keys a resume must find unchanged, flattened (``optim.lr``, ``data.fingerprint``, ...)."""
-    plain = to_dict(cfg)
-    plain["train"]["mixed_precision"] = mixed_precision
-    identity: dict[str, Any] = {"data.fingerprint": fingerprint(manifest), "data.attack": manifest["attack"]["name"],
-                                "world_size": world_size}
-    for section in RUN_SECTIONS:
-        identity.update({f"{section}.{k}": v for k, v in plain[section].items()})
-    for key in RUN_KEYS:
-        section, name = key.split(".", 1)
-        identity[key] = plain[section][name]
-    return identity
-
-
-def check_resume_identity(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
-    """Refuse to resume a run whose data, model, recipe or shape changed, naming every changed key."""
-    if saved is None:  # a checkpoint written before identities were recorded
-        return
-    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-               if saved.get(k) != current.get(k)]
-    if changed:
-        raise ConfigError(f"cannot resume: the checkpoint's run differs in {'; '.join(changed)}; restore those "
-                          "values, or start a new run with another train.out")
-
-
-def resolve_mixed_precision(cfg: Config, report) -> str:
-    """One source: ``train.mixed_precision`` when set, else the launcher's (``accelerate launch
-    --mixed_precision``, which sets ACCELERATE_MIXED_PRECISION), else ``no``. A disagreement is reported."""
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if cfg.train.mixed_precision == "auto":
-        return launcher or "no"
-    if launcher and launcher != cfg.train.mixed_precision:
-        report(f"warning: the launcher asks for mixed precision {launcher!r} but train.mixed_precision="
-               f"{cfg.train.mixed_precision!r}, which wins; set train.mixed_precision=auto to follow the launcher")
-    return cfg.train.mixed_precision
-
-
-def check_data_for_run(cfg: Config, manifest: dict[str, Any], mixed_precision: str) -> None:
-    """What the config asks of the data, checked before any step is taken."""
-    size = manifest["image_size"]
-    if cfg.train.defense == "mcci":
-        available = manifest["splits"].get(cfg.reference.source, {}).get("count", 0)
-        if available == 0:
-            raise ShardError(f"reference.source={cfg.reference.source!r} has no images in {cfg.data.shards}; build "
-                             "shards with --trusted-count > 0 or set reference.source=train")
-        if cfg.reference.count > available:
-            raise ConfigError(f"reference.count={cfg.reference.count} is more than the {available} images of "
-                              f"reference.source={cfg.reference.source!r}; set reference.count<={available}")
-        if cfg.spectrum.normalisation == "raw" and mixed_precision == "fp16" and 255.0 * size > FP16_MAX:
-            raise ConfigError(f"spectrum.normalisation=raw at {size} px overflows fp16 (the DC coefficient reaches "
-                              f"255*{size} = {255 * size}, fp16 holds {FP16_MAX:.0f}); use spectrum.normalisation=log "
-                              "or train.mixed_precision=bf16")
-
-
-def seed_rank_randomness(seed: int, rank: int) -> None:
-    """Seed the global RNGs per rank, after the model is built (identical on every rank), so dropout
-    and drop-path masks differ across ranks; the data order has seeds of its own."""
-    set_seed(seed + rank)
-
-
-def deepspeed_input_dtype(accelerator: Accelerator) -> torch.dtype | None:
-    """DeepSpeed casts the model to bf16/fp16 and runs without autocast, so float inputs must be cast
-    to match (as the Hugging Face Trainer does); None when the model keeps fp32 weights."""
-    if accelerator.state.deepspeed_plugin is None:
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-
-
-def configure_deepspeed(deepspeed_config: dict[str, Any], cfg: Config) -> None:
-    """Write what DeepSpeed takes from its own config: the micro-batch (it sizes buffers from it) and
-    the gradient clipping (Accelerate's "auto" would put its own constant there; 0 disables)."""
-    deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
-    deepspeed_config["gradient_clipping"] = cfg.optim.grad_clip
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
 def model_inputs(transform: InputTransform, images: torch.Tensor, dtype: torch.dtype | None) -> ModelInputs:
@@ -137,17 +62,28 @@ def model_inputs(transform: InputTransform, images: torch.Tensor, dtype: torch.d
 
 
 def train_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-               inputs: ModelInputs, labels: torch.Tensor, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+               inputs: ModelInputs, labels: torch.Tensor, grad_clip: float,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimiser step; returns the loss and the gradient norm before clipping, as device tensors
     (no host sync here: the loop reads them on logging steps only)."""
     with accelerator.autocast():
-        loss = classification_loss(model, inputs, labels)
+        loss = classification_loss(model, inputs, labels, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
     optimizer.step()
     scheduler.step()
     return loss.detach(), grad_norm
+
+
+def set_train_mode(model: nn.Module, freeze_bn_stats: bool) -> None:
+    """Training mode; with ``freeze_bn_stats`` the SFRN's BatchNorm layers stay in eval mode, so a
+    pre-trained backbone keeps its running statistics (the AIN's, trained from scratch, still learn)."""
+    model.train()
+    if freeze_bn_stats:
+        for module in getattr(model, "sfrn", model).modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def check_finite(loss: torch.Tensor, step: int, last_checked: int) -> None:
@@ -157,12 +93,13 @@ def check_finite(loss: torch.Tensor, step: int, last_checked: int) -> None:
                        "lower optim.lr, set optim.grad_clip > 0, or use spectrum.normalisation=log")
 
 
-def trim_log(path: Path, last_step: int) -> None:
+def trim_logs(out: Path, last_step: int) -> None:
     """Drop log records past the checkpoint a run resumes from: those steps run again."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line)["step"] <= last_step]
-        write_text(path, "".join(kept))
+    for path in (out / TRAIN_LOG, out / VAL_LOG):
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= last_step]
+            write_text(path, "".join(kept))
 
 
 def _check_out(cfg: Config) -> None:
@@ -201,10 +138,12 @@ def _restore_augment_rng(transform: InputTransform, states: list, accelerator: A
 def train(cfg: Config) -> Path:
     """Run the job; returns the saved model folder."""
     mixed_precision = resolve_mixed_precision(cfg, print)
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cfg.train.cpu)
+    out = Path(cfg.train.out)
+    trackers = resolve_trackers(cfg.train.trackers)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cfg.train.cpu, log_with=trackers or None,
+                              project_dir=str(out))
     _check_out(cfg)
     set_seed(cfg.train.seed)  # the same initial weights on every rank
-    out = Path(cfg.train.out)
     manifest = load_manifest(cfg.data.shards)
     check_data_for_run(cfg, manifest, mixed_precision)
     steps = steps_per_epoch(manifest, cfg.data.batch_size, accelerator.num_processes)
@@ -223,6 +162,11 @@ def train(cfg: Config) -> Path:
     if accelerator.state.deepspeed_plugin is not None:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
+    sharded = shards_parameters(accelerator)
+    if cfg.train.ema_decay > 0 and sharded:
+        raise ConfigError("train.ema_decay needs whole parameters on each rank; ZeRO-3 and FSDP shard them: "
+                          "set train.ema_decay=0 or use DDP / ZeRO-2")
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     seed_rank_randomness(cfg.train.seed, accelerator.process_index)
     input_dtype = deepspeed_input_dtype(accelerator)
     transform = build_transform(cfg, seed=cfg.train.seed * 1000 + accelerator.process_index)
@@ -232,15 +176,19 @@ def train(cfg: Config) -> Path:
     if cfg.train.resume and checkpoint_dirs(out):
         newest = checkpoint_dirs(out)[-1]
         check_resume_identity(json.loads((newest / TRAINER_STATE).read_text()).get("run"), identity)
-        state = load_training_state(accelerator, newest)
+        state, ema_weights = load_training_state(accelerator, newest)
         step, start_epoch = state["step"], state["epoch"]
+        if ema is not None and ema_weights is not None:
+            ema.module.load_state_dict(ema_weights)
         if accelerator.is_main_process:
-            trim_log(out / TRAIN_LOG, step)
+            trim_logs(out, step)
         _restore_augment_rng(transform, state["augment_rng"], accelerator)
         scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
         accelerator.print(f"resumed from step {step} (epoch {start_epoch}) of {total_steps}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+    if trackers:
+        accelerator.init_trackers("mcci", config=flat_config(cfg))
 
     def checkpoint(epoch: int) -> None:
         # The schedule and the augmentation RNG go to JSON: Accelerate would pickle registered
@@ -249,14 +197,36 @@ def train(cfg: Config) -> Path:
         save_training_state(accelerator, out, {"step": step, "epoch": epoch, "total_steps": total_steps, "run": identity,
                                                # every rank's stream: each augments its own batches
                                                "augment_rng": gather_object([transform.generator.get_state().tolist()]),
-                                               "scheduler": scheduler_state}, cfg.train.keep_checkpoints)
+                                               "scheduler": scheduler_state}, cfg.train.keep_checkpoints,
+                            ema=None if ema is None else ema.module.state_dict())
+
+    def run_validation(epoch: int) -> None:
+        autocast = (lambda: torch.autocast(accelerator.device.type, dtype=input_dtype)) if input_dtype \
+            else accelerator.autocast
+        candidates = [("raw", accelerator.unwrap_model(model))] + ([("ema", ema.module)] if ema is not None else [])
+        for weights, candidate in candidates:
+            results = validate(candidate, cfg, manifest, transform, accelerator.device, autocast,
+                               lambda t: accelerator.reduce(t, "sum"))
+            accelerator.print(describe(epoch + 1, weights, results))
+            if val_log:
+                for mode, metrics in results.items():
+                    val_log.write(json.dumps({"step": step, "epoch": epoch + 1, "weights": weights, "mode": mode,
+                                              **metrics}) + "\n")
+                val_log.flush()
+            accelerator.log({f"val/{weights}/{mode}/{k}": v for mode, m in results.items() for k, v in m.items()},
+                            step=step)
 
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, unit="step",
                dynamic_ncols=True, file=sys.stdout)
     log = open(out / TRAIN_LOG, "a") if accelerator.is_main_process else None
+    val_log = open(out / VAL_LOG, "a") if accelerator.is_main_process else None
+    validating = cfg.train.eval_every > 0 and not sharded
+    if cfg.train.eval_every > 0 and sharded:
+        accelerator.print("validation during training is off: ZeRO-3 / FSDP shard the parameters; run `mcci eval` "
+                          "on the saved model")
     window_start, window_images, last_checked = time.perf_counter(), 0, step
     for epoch in range(start_epoch, cfg.train.epochs):
-        model.train()
+        set_train_mode(model, cfg.train.freeze_bn_stats)
         loader = train_loader(cfg.data.shards, manifest, cfg.data.batch_size, steps, cfg.data.num_workers,
                               cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + accelerator.process_index,
                               epoch=epoch, decode=decode)
@@ -265,8 +235,10 @@ def train(cfg: Config) -> Path:
         for batch in device_batches(itertools.islice(loader, step - epoch * steps, None), accelerator.device):
             inputs = model_inputs(transform, batch.images, input_dtype)
             loss, grad_norm = train_step(accelerator, model, optimizer, scheduler, inputs, batch.labels,
-                                         cfg.optim.grad_clip)
+                                         cfg.optim.grad_clip, cfg.optim.label_smoothing)
             step += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model), step=step)
             window_images += batch.labels.numel() * accelerator.num_processes
             bar.update(1)
             checkpoint_due = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
@@ -276,28 +248,34 @@ def train(cfg: Config) -> Path:
             if step % cfg.train.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "epoch": epoch, "loss": round(loss.item(), 5),
-                          "lr": scheduler.get_last_lr()[0], "images_per_s": round(window_images / elapsed, 1),
+                          "lr": max(scheduler.get_last_lr()), "images_per_s": round(window_images / elapsed, 1),
                           "grad_norm": None if grad_norm is None else round(float(grad_norm), 4)}
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
                 if log:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                window_start, window_images, last_checked = time.perf_counter(), 0, step
+                accelerator.log({f"train/{k}": v for k, v in record.items() if v is not None and k != "step"},
+                                step=step)
+                window_start, window_images = time.perf_counter(), 0
             if checkpoint_due and step < total_steps:
                 checkpoint(epoch)
+        if validating and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
+            run_validation(epoch)
         checkpoint(epoch + 1)
     bar.close()
     if log:
         log.close()
-        from pipeline.support.plots import TRAIN_CURVES, plot_training_log
-
+        val_log.close()
         plot_training_log(out / TRAIN_LOG, out / TRAIN_CURVES)
-    return save_trained_model(accelerator, model, cfg, manifest, transform)
+        plot_validation_log(out / VAL_LOG, out / VAL_CURVES)
+    accelerator.end_training()
+    return save_trained_model(accelerator, model if ema is None else ema.module, cfg, manifest, transform)
 
 
 def save_trained_model(accelerator: Accelerator, model: nn.Module, cfg: Config, manifest: dict[str, Any],
                        transform: InputTransform) -> Path:
-    """Fix the mind-control reference (MCCI) and write ``<out>/model`` on the main process."""
+    """Fix the mind-control reference (MCCI) and write ``<out>/model`` on the main process (the EMA
+    weights when the run keeps an EMA)."""
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
     model_dir = Path(cfg.train.out) / MODEL_DIR
     if accelerator.is_main_process:

@@ -69,6 +69,11 @@ class OptimConfig:
     step_epochs: tuple[int, ...] = (30, 60, 90)  # step schedule: multiply by step_gamma at these epochs
     step_gamma: float = 0.1
     grad_clip: float = 5.0  # max global grad norm; 0 disables
+    # fine-tuning a pre-trained SFRN
+    layer_decay: float = 1.0  # < 1: timm's layer-wise LR decay over the SFRN's blocks (e.g. 0.65 for ViT-B); 1 = off
+    head_lr_scale: float = 1.0  # LR multiplier for what is new at fine-tuning: the SFRN's classifier, AIN, fusion head
+    probe_epochs: float = 0.0  # a linear probe first: only the new parameters learn; the body's warmup starts after
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -93,6 +98,10 @@ class TrainConfig:
     cpu: bool = False  # force the CPU even when a GPU is present
     compile: str = "no"  # no | inductor (torch.compile of the SFRN+AIN model) | aot_eager | eager (debugging)
     channels_last: bool = False  # NHWC model and inputs: faster convolutions (AIN, CNN SFRNs) on tensor cores
+    freeze_bn_stats: bool = False  # keep a pre-trained SFRN's BatchNorm running statistics (its layers stay in eval mode)
+    ema_decay: float = 0.0  # > 0: an EMA of the weights (timm's ModelEmaV3), validated beside them and saved as the model
+    eval_every: int = 1  # epochs between validations (CA/ASR/RA on the test splits, val_log.jsonl); 0 = off
+    trackers: tuple[str, ...] = ("auto",)  # Accelerate trackers: auto (tensorboard when installed), tensorboard, wandb, mlflow, none
 
 
 @dataclass

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 TRAIN_CURVES = "train_curves.png"
+VAL_CURVES = "val_curves.png"
 
 
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
@@ -68,3 +69,27 @@ def plot_defense_matrix(rows: list[dict[str, Any]], out: str | Path) -> Path:
         ax.set_title(title, fontsize=10)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=2, fontsize=8)
     return save_figure(fig, out)
+
+
+def plot_validation_log(log_path: str | Path, out: str | Path) -> Path | None:
+    """Clean accuracy, ASR and RA against epoch, one line per inference mode and weights (raw, EMA),
+    from ``val_log.jsonl``: where the attack lands and whether mind control holds. None when empty."""
+    path = Path(log_path)
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not records:
+        return None
+    series = sorted({(r["weights"], r["mode"]) for r in records})
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 2.8), constrained_layout=True)
+    for ax, (key, title) in zip(axes, (("clean_acc", "clean accuracy"), ("asr", "attack success rate"),
+                                       ("ra", "robust accuracy"))):
+        for weights, mode in series:
+            chosen = [r for r in records if r["weights"] == weights and r["mode"] == mode]
+            ax.plot([r["epoch"] for r in chosen], [r[key] for r in chosen], marker="o", ms=3, lw=1,
+                    label=f"{mode.replace('_', ' ')} ({weights})")
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7)
+    return save_figure(fig, out)
+

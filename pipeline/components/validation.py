@@ -1,0 +1,36 @@
+"""Validation while training: CA / ASR / RA of the weights as they train (and of their EMA), so
+a run shows when the attack lands and whether mind control holds, epoch by epoch."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mcci_models import MCCI
+from pipeline.components.evaluation import evaluate, set_model_reference
+from pipeline.data.transforms import InputTransform
+from pipeline.support.config import Config
+
+VAL_LOG = "val_log.jsonl"
+
+
+def validate(model: nn.Module, cfg: Config, manifest: dict[str, Any], transform: InputTransform,
+             device: torch.device, autocast: Callable[[], Any], reduce: Callable[[torch.Tensor], torch.Tensor],
+             ) -> dict[str, dict[str, float]]:
+    """Metrics per inference mode (``plain``, or MCCI's ``own`` and ``mind_control``) of an unwrapped
+    model, counted across ranks. MCCI's mind control uses a reference computed now from
+    ``cfg.reference`` (the model's final one is fixed after training); the model is left in eval mode."""
+    if isinstance(model, MCCI):
+        r = cfg.reference
+        set_model_reference(model, cfg.data.shards, manifest, r.kind, r.source, r.count, transform, device)
+    results = evaluate(model, cfg.data.shards, manifest, transform, device, cfg.data.eval_batch_size,
+                       cfg.data.num_workers, reduce=reduce, autocast=autocast)
+    return results if isinstance(model, MCCI) else {"plain": results}
+
+
+def describe(epoch: int, weights: str, results: dict[str, dict[str, float]]) -> str:
+    """One line for the console: each mode's CA / ASR / RA."""
+    modes = " | ".join(f"{mode.replace('_', ' ')} CA {m['clean_acc']:.3f} ASR {m['asr']:.3f} RA {m['ra']:.3f}"
+                       for mode, m in results.items())
+    return f"epoch {epoch} validation ({weights} weights): {modes}"
