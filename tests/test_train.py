@@ -181,10 +181,10 @@ def test_data_dependent_settings_are_refused_before_training(tiny_shards, tmp_pa
 def test_raw_spectra_in_fp16_above_256_px_are_refused():
     manifest = {"image_size": 320, "splits": {"trusted": {"count": 100}}}
     cfg = load_config(None, ["spectrum.normalisation=raw"])
-    run_checks.check_data_for_run(cfg, {**manifest, "image_size": 256}, "fp16")
-    run_checks.check_data_for_run(cfg, manifest, "bf16")
+    run_checks.check_data_for_run(cfg, {**manifest, "image_size": 256}, "fp16", 10)
+    run_checks.check_data_for_run(cfg, manifest, "bf16", 10)
     with pytest.raises(ConfigError, match="overflows fp16 .* 255\\*320 = 81600"):
-        run_checks.check_data_for_run(cfg, manifest, "fp16")
+        run_checks.check_data_for_run(cfg, manifest, "fp16", 10)
 
 
 def test_layer_decay_head_scale_and_probe_shape_the_learning_rates():
@@ -292,3 +292,38 @@ def test_trackers_auto_named_and_refused(tiny_shards, tmp_path, monkeypatch):
     events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent)).Reload()
     assert {"train/loss", "val/raw/mind_control/asr"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+
+
+def test_grad_accumulation_of_two_halves_is_one_whole_batch_step():
+    from accelerate import Accelerator
+
+    from pipeline.data.transforms import ModelInputs
+
+    def run(accumulation: int, chunks: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Linear(6, 3)
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+        optimizer = build_optimizer(model, OptimConfig(lr=0.1, weight_decay=0.0))
+        scheduler = build_scheduler(optimizer, OptimConfig(lr=0.1, schedule="constant"), 10, 10)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        images = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+        labels = torch.arange(8) % 3
+        for _ in range(2):  # two optimiser steps
+            for part in range(chunks):
+                rows = slice(part * 8 // chunks, (part + 1) * 8 // chunks)
+                train_job.train_step(accelerator, lambda x: model(x), optimizer, scheduler,
+                                     ModelInputs(images[rows], None), labels[rows], grad_clip=0)
+        return accelerator.unwrap_model(model).weight.detach().clone()
+
+    torch.testing.assert_close(run(2, 2), run(1, 1))
+    assert not torch.allclose(run(1, 2), run(1, 1))  # without accumulation two half-batches are two steps
+
+
+def test_grad_accumulation_must_divide_epochs_and_checkpoints():
+    manifest = {"image_size": 32, "splits": {"trusted": {"count": 100}}}
+    run_checks.check_data_for_run(load_config(None, ["train.grad_accumulation=2"]), manifest, "no", 10)
+    with pytest.raises(ConfigError, match="must divide the 9 batches of an epoch"):
+        run_checks.check_data_for_run(load_config(None, ["train.grad_accumulation=2"]), manifest, "no", 9)
+    with pytest.raises(ConfigError, match="train.checkpoint_every=5"):
+        run_checks.check_data_for_run(load_config(None, ["train.grad_accumulation=2", "train.checkpoint_every=5"]),
+                                      manifest, "no", 10)

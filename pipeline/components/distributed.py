@@ -38,9 +38,10 @@ def deepspeed_input_dtype(accelerator: Accelerator) -> torch.dtype | None:
 
 
 def configure_deepspeed(deepspeed_config: dict[str, Any], cfg: Config) -> None:
-    """Write what DeepSpeed takes from its own config: the micro-batch (it sizes buffers from it) and
-    the gradient clipping (Accelerate's "auto" would put its own constant there; 0 disables)."""
+    """Write what DeepSpeed takes from its own config: the micro-batch (it sizes buffers from it), the
+    accumulation, and the gradient clipping (Accelerate's "auto" would put its own constant there; 0 disables)."""
     deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    deepspeed_config["gradient_accumulation_steps"] = cfg.train.grad_accumulation  # DeepSpeed's value would win
     deepspeed_config["gradient_clipping"] = cfg.optim.grad_clip
 
 

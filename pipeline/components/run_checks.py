@@ -10,7 +10,7 @@ from pipeline.support.errors import ConfigError, ShardError
 # What defines a run: resuming with any of these changed would not continue the same run.
 RUN_SECTIONS = ("model", "spectrum", "optim")
 RUN_KEYS = ("data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.mean", "data.std", "data.augment",
-            "train.defense", "train.epochs", "train.seed", "train.mixed_precision")
+            "train.defense", "train.epochs", "train.seed", "train.mixed_precision", "train.grad_accumulation")
 FP16_MAX = 65504.0
 
 
@@ -39,9 +39,16 @@ def check_resume_identity(saved: dict[str, Any] | None, current: dict[str, Any])
                           "values, or start a new run with another train.out")
 
 
-def check_data_for_run(cfg: Config, manifest: dict[str, Any], mixed_precision: str) -> None:
+def check_data_for_run(cfg: Config, manifest: dict[str, Any], mixed_precision: str, steps_per_epoch: int) -> None:
     """What the config asks of the data, checked before any step is taken."""
     size = manifest["image_size"]
+    accumulation = cfg.train.grad_accumulation
+    if accumulation < 1:
+        raise ConfigError(f"train.grad_accumulation must be at least 1, got {accumulation}")
+    # optimiser steps end where epochs and checkpoints do, so a resume starts on a whole step
+    if steps_per_epoch % accumulation or cfg.train.checkpoint_every % accumulation:
+        raise ConfigError(f"train.grad_accumulation={accumulation} must divide the {steps_per_epoch} batches of an "
+                          f"epoch and train.checkpoint_every={cfg.train.checkpoint_every}; choose a divisor of both")
     if cfg.train.defense == "mcci":
         available = manifest["splits"].get(cfg.reference.source, {}).get("count", 0)
         if available == 0:

@@ -64,15 +64,20 @@ def model_inputs(transform: InputTransform, images: torch.Tensor, dtype: torch.d
 def train_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                inputs: ModelInputs, labels: torch.Tensor, grad_clip: float,
                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One optimiser step; returns the loss and the gradient norm before clipping, as device tensors
-    (no host sync here: the loop reads them on logging steps only)."""
-    with accelerator.autocast():
-        loss = classification_loss(model, inputs, labels, label_smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
-    optimizer.step()
-    scheduler.step()
+    """One micro-batch: forward, backward and, once ``train.grad_accumulation`` micro-batches are in,
+    the optimiser step (Accelerate's ``accumulate``). Returns the loss and the gradient norm before
+    clipping (None between optimiser steps) as device tensors: no host sync here."""
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            loss = classification_loss(model, inputs, labels, label_smoothing)
+        accelerator.backward(loss)
+        grad_norm = None
+        if accelerator.sync_gradients and grad_clip > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()  # Accelerate's wrapper steps only on the last micro-batch
+        if accelerator.sync_gradients:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
     return loss.detach(), grad_norm
 
 
@@ -141,12 +146,12 @@ def train(cfg: Config) -> Path:
     out = Path(cfg.train.out)
     trackers = resolve_trackers(cfg.train.trackers)
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cfg.train.cpu, log_with=trackers or None,
-                              project_dir=str(out))
+                              project_dir=str(out), gradient_accumulation_steps=cfg.train.grad_accumulation)
     _check_out(cfg)
     set_seed(cfg.train.seed)  # the same initial weights on every rank
     manifest = load_manifest(cfg.data.shards)
-    check_data_for_run(cfg, manifest, mixed_precision)
-    steps = steps_per_epoch(manifest, cfg.data.batch_size, accelerator.num_processes)
+    steps = steps_per_epoch(manifest, cfg.data.batch_size, accelerator.num_processes)  # micro-batches
+    check_data_for_run(cfg, manifest, mixed_precision, steps)
     total_steps = steps * cfg.train.epochs
     identity = run_identity(cfg, manifest, accelerator.num_processes, mixed_precision)
 
@@ -158,7 +163,8 @@ def train(cfg: Config) -> Path:
     if cfg.train.compile != "no":
         model.compile(backend=cfg.train.compile)  # in place: parameter names and saved weights are unchanged
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps, total_steps)
+    accumulation = cfg.train.grad_accumulation  # the schedule counts optimiser steps
+    scheduler = build_scheduler(optimizer, cfg.optim, steps // accumulation, total_steps // accumulation)
     if accelerator.state.deepspeed_plugin is not None:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -237,8 +243,8 @@ def train(cfg: Config) -> Path:
             loss, grad_norm = train_step(accelerator, model, optimizer, scheduler, inputs, batch.labels,
                                          cfg.optim.grad_clip, cfg.optim.label_smoothing)
             step += 1
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model), step=step)
+            if ema is not None and accelerator.sync_gradients:
+                ema.update(accelerator.unwrap_model(model), step=step // accumulation)
             window_images += batch.labels.numel() * accelerator.num_processes
             bar.update(1)
             checkpoint_due = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0

@@ -98,6 +98,8 @@ class TrainConfig:
     cpu: bool = False  # force the CPU even when a GPU is present
     compile: str = "no"  # no | inductor (torch.compile of the SFRN+AIN model) | aot_eager | eager (debugging)
     channels_last: bool = False  # NHWC model and inputs: faster convolutions (AIN, CNN SFRNs) on tensor cores
+    # micro-batches per optimiser step (Accelerate's accumulate): the effective batch is data.batch_size x this x processes
+    grad_accumulation: int = 1
     freeze_bn_stats: bool = False  # keep a pre-trained SFRN's BatchNorm running statistics (its layers stay in eval mode)
     ema_decay: float = 0.0  # > 0: an EMA of the weights (timm's ModelEmaV3), validated beside them and saved as the model
     eval_every: int = 1  # epochs between validations (CA/ASR/RA on the test splits, val_log.jsonl); 0 = off
