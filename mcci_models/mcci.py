@@ -6,10 +6,21 @@ one fixed vector, ``reference_feature``, computed once from clean data (see ``se
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 REFERENCE_KINDS = ("feature", "spectrum")
+
+
+class MCCIParts(NamedTuple):
+    logits: torch.Tensor  # fused: the model as trained
+    sfrn_features: torch.Tensor
+    ain_features: torch.Tensor
+    sfrn_logits: torch.Tensor  # the SFRN's half of the head alone
+    ain_logits: torch.Tensor  # the AIN's half of the head alone
 
 
 class MCCI(nn.Module):
@@ -29,10 +40,21 @@ class MCCI(nn.Module):
     def fuse(self, sfrn_features: torch.Tensor, ain_features: torch.Tensor) -> torch.Tensor:
         return self.head(torch.cat([sfrn_features, ain_features.to(sfrn_features.dtype)], dim=1))
 
-    def forward(self, images: torch.Tensor, spectra: torch.Tensor | None = None) -> torch.Tensor:
-        """With ``spectra``: the model as trained (each input's own spectrum). Without: mind control."""
+    def forward(self, images: torch.Tensor, spectra: torch.Tensor | None = None,
+                return_parts: bool = False) -> torch.Tensor | MCCIParts:
+        """With ``spectra``: the model as trained (each input's own spectrum); ``return_parts`` also
+        returns each network's features and logits alone (for the training variants; inside forward,
+        so DDP, ZeRO and FSDP see every use of the head). Without ``spectra``: mind control."""
         if spectra is not None:
-            return self.fuse(*self.features(images, spectra))
+            sfrn_features, ain_features = self.features(images, spectra)
+            logits = self.fuse(sfrn_features, ain_features)
+            if not return_parts:
+                return logits
+            # the head is linear: the fused logits are the two halves' sum, less one bias
+            split = sfrn_features.shape[1]
+            sfrn_logits = F.linear(sfrn_features, self.head.weight[:, :split], self.head.bias)
+            ain_logits = F.linear(ain_features.to(sfrn_features.dtype), self.head.weight[:, split:], self.head.bias)
+            return MCCIParts(logits, sfrn_features, ain_features, sfrn_logits, ain_logits)
         if not bool(self.has_reference):
             raise RuntimeError("this MCCI model has no mind-control reference yet; set one with MCCI.set_reference, "
                                "or load the model folder `mcci train` saved (it holds one)")

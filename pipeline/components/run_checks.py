@@ -10,7 +10,8 @@ from pipeline.support.errors import ConfigError, ShardError
 # What defines a run: resuming with any of these changed would not continue the same run.
 RUN_SECTIONS = ("model", "spectrum", "optim")
 RUN_KEYS = ("data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.mean", "data.std", "data.augment",
-            "train.defense", "train.epochs", "train.seed", "train.mixed_precision", "train.grad_accumulation")
+            "train.defense", "train.epochs", "train.seed", "train.mixed_precision", "train.grad_accumulation",
+            "train.mcci_variant", "train.mcci_variant_weight")
 FP16_MAX = 65504.0
 
 

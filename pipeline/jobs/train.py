@@ -10,11 +10,11 @@ import itertools
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from timm.utils import ModelEmaV3
@@ -29,6 +29,7 @@ from pipeline.components.distributed import (configure_deepspeed, deepspeed_inpu
                                              seed_rank_randomness, shards_parameters)
 from pipeline.components.evaluation import set_model_reference
 from pipeline.components.flops import forward_flops
+from pipeline.components.losses import training_loss
 from pipeline.components.models import build_model, build_transform, model_meta
 from pipeline.components.optim import build_optimizer, build_scheduler
 from pipeline.components.run_checks import check_data_for_run, check_resume_identity, run_identity
@@ -46,13 +47,6 @@ from pipeline.support.report import write_text
 TRAIN_LOG = "train_log.jsonl"
 
 
-def classification_loss(model: nn.Module, inputs: ModelInputs, labels: torch.Tensor,
-                        label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of the model as trained: with each input's own spectrum for MCCI."""
-    logits = model(inputs.images, inputs.spectra) if inputs.spectra is not None else model(inputs.images)
-    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-
-
 def model_inputs(transform: InputTransform, images: torch.Tensor, dtype: torch.dtype | None) -> ModelInputs:
     """Augmented SFRN input and spectrum (always computed in fp32), cast to ``dtype`` when given."""
     inputs = transform(images, train=True)
@@ -63,13 +57,13 @@ def model_inputs(transform: InputTransform, images: torch.Tensor, dtype: torch.d
 
 def train_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                inputs: ModelInputs, labels: torch.Tensor, grad_clip: float,
-               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+               loss_fn: Callable[..., torch.Tensor] = training_loss) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One micro-batch: forward, backward and, once ``train.grad_accumulation`` micro-batches are in,
     the optimiser step (Accelerate's ``accumulate``). Returns the loss and the gradient norm before
     clipping (None between optimiser steps) as device tensors: no host sync here."""
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            loss = classification_loss(model, inputs, labels, label_smoothing)
+            loss = loss_fn(model, inputs, labels)
         accelerator.backward(loss)
         grad_norm = None
         if accelerator.sync_gradients and grad_clip > 0:
@@ -176,6 +170,8 @@ def train(cfg: Config) -> Path:
     seed_rank_randomness(cfg.train.seed, accelerator.process_index)
     input_dtype = deepspeed_input_dtype(accelerator)
     transform = build_transform(cfg, seed=cfg.train.seed * 1000 + accelerator.process_index)
+    loss_fn = partial(training_loss, label_smoothing=cfg.optim.label_smoothing, variant=cfg.train.mcci_variant,
+                      weight=cfg.train.mcci_variant_weight)
     decode = resolve_decode(cfg.data.decode, manifest["image_format"], accelerator.device)
 
     step, start_epoch = 0, 0
@@ -241,7 +237,7 @@ def train(cfg: Config) -> Path:
         for batch in device_batches(itertools.islice(loader, step - epoch * steps, None), accelerator.device):
             inputs = model_inputs(transform, batch.images, input_dtype)
             loss, grad_norm = train_step(accelerator, model, optimizer, scheduler, inputs, batch.labels,
-                                         cfg.optim.grad_clip, cfg.optim.label_smoothing)
+                                         cfg.optim.grad_clip, loss_fn)
             step += 1
             if ema is not None and accelerator.sync_gradients:
                 ema.update(accelerator.unwrap_model(model), step=step // accumulation)

@@ -98,6 +98,10 @@ class TrainConfig:
     cpu: bool = False  # force the CPU even when a GPU is present
     compile: str = "no"  # no | inductor (torch.compile of the SFRN+AIN model) | aot_eager | eager (debugging)
     channels_last: bool = False  # NHWC model and inputs: faster convolutions (AIN, CNN SFRNs) on tensor cores
+    # an MCCI training variant that pushes what the AIN explains out of the SFRN (docs/VARIANTS.md):
+    # none | independence (HSIC, ReBias) | lff (Learning from Failure weighting); weight of its term
+    mcci_variant: str = "none"
+    mcci_variant_weight: float = 1.0
     # micro-batches per optimiser step (Accelerate's accumulate): the effective batch is data.batch_size x this x processes
     grad_accumulation: int = 1
     freeze_bn_stats: bool = False  # keep a pre-trained SFRN's BatchNorm running statistics (its layers stay in eval mode)
@@ -124,6 +128,7 @@ CHOICES = {
     "reference.kind": ("feature", "spectrum"),
     "reference.source": ("trusted", "train", "test-clean"),
     "train.defense": ("mcci", "none"),
+    "train.mcci_variant": ("none", "independence", "lff"),
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.compile": ("no", "inductor", "aot_eager", "eager"),
     "data.decode": ("auto", "workers", "device"),
