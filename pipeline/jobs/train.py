@@ -161,11 +161,11 @@ def train(cfg: Config) -> Path:
     scheduler = build_scheduler(optimizer, cfg.optim, steps // accumulation, total_steps // accumulation)
     if accelerator.state.deepspeed_plugin is not None:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
     sharded = shards_parameters(accelerator)
     if cfg.train.ema_decay > 0 and sharded:
         raise ConfigError("train.ema_decay needs whole parameters on each rank; ZeRO-3 and FSDP shard them: "
                           "set train.ema_decay=0 or use DDP / ZeRO-2")
+    model, optimizer = accelerator.prepare(model, optimizer)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     seed_rank_randomness(cfg.train.seed, accelerator.process_index)
     input_dtype = deepspeed_input_dtype(accelerator)
