@@ -270,8 +270,9 @@ def train(cfg: Config) -> Path:
         val_log.close()
         plot_training_log(out / TRAIN_LOG, out / TRAIN_CURVES)
         plot_validation_log(out / VAL_LOG, out / VAL_CURVES)
-    accelerator.end_training()
-    return save_trained_model(accelerator, model if ema is None else ema.module, cfg, manifest, transform)
+    model_dir = save_trained_model(accelerator, model if ema is None else ema.module, cfg, manifest, transform)
+    accelerator.end_training()  # closes the trackers (and the process group): last
+    return model_dir
 
 
 def save_trained_model(accelerator: Accelerator, model: nn.Module, cfg: Config, manifest: dict[str, Any],
