@@ -14,6 +14,7 @@ from pipeline.support.errors import USER_ERRORS
 
 def _shards_build(args: argparse.Namespace) -> None:
     from shards.build import BuildSpec, build_shards
+    from shards.upload import build_and_upload, is_remote
 
     params = {}
     if args.attack_config:
@@ -21,7 +22,7 @@ def _shards_build(args: argparse.Namespace) -> None:
     for text in args.param:
         key, _, value = text.partition("=")
         params[key] = yaml.safe_load(value)
-    manifest = build_shards(BuildSpec(
+    manifest = (build_and_upload if is_remote(args.out) else build_shards)(BuildSpec(
         source=args.source, test_source=args.test_source, out=args.out, attack=args.attack,
         poison_rate=args.poison_rate, target=args.target, mode=args.mode, seed=args.seed, image_size=args.image_size,
         attack_params=params, image_format=args.format, jpeg_quality=args.jpeg_quality,
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target", type=int, default=0)
     b.add_argument("--mode", default="all-to-one", choices=["all-to-one", "all-to-all"],
                    help="all-to-all relabels y to y+1 mod K")
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, help="folder, or s3://bucket/prefix (gs://...) to upload to")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--image-size", type=int, help="resize (shorter side) and centre-crop to N px")
     b.add_argument("--format", default="auto", choices=["auto", "png", "jpeg"], help="auto: PNG up to 64 px, else JPEG")
@@ -190,7 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except USER_ERRORS as e:
-        print(f"mcci {args.command}: error: {e}", file=sys.stderr)
+        # raised in a DataLoader worker, the error arrives wrapped in its traceback, whose last line it is
+        line = str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
+        print(f"mcci {args.command}: error: {line}", file=sys.stderr)
         sys.exit(2)
 
 

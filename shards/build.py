@@ -142,7 +142,7 @@ def _write_shard(job: tuple[str, str, list[_SampleSpec]]) -> dict[str, Any]:
                         "cls": str(s.label).encode(), "json": json.dumps(meta, sort_keys=True).encode()})
     os.replace(tmp, path)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return {"split": split, "path": path, "sha256": digest, "count": len(samples)}
+    return {"split": split, "path": path, "sha256": digest, "count": len(samples), "size": os.path.getsize(path)}
 
 
 def poison_label(label: int, spec: BuildSpec, num_classes: int) -> int:
@@ -292,7 +292,8 @@ def build_shards(spec: BuildSpec, progress: bool = True) -> dict[str, Any]:
                     "count": len(plan[split]),
                     "poisoned": sum(s.poisoned for s in plan[split]),
                     "cross": sum(s.cross for s in plan[split]),
-                    "shards": [{"path": os.path.relpath(r["path"], staging), "sha256": r["sha256"], "count": r["count"]}
+                    "shards": [{"path": os.path.relpath(r["path"], staging), "sha256": r["sha256"], "count": r["count"],
+                                "size": r["size"]}
                                for r in results if r["split"] == split],
                 }
                 for split in SPLITS

@@ -111,15 +111,6 @@ def test_shards_build_command(tmp_path):
     assert manifest["attack"]["params"]["alpha"] == 0.3 and manifest["target"] == 2
 
 
-def test_remote_shard_urls_resolve_to_streams():
-    from pipeline.data.manifest import resolve_url
-
-    assert resolve_url("s3://bucket/shards/train/train-000000.tar") == "pipe:aws s3 cp s3://bucket/shards/train/train-000000.tar -"
-    assert resolve_url("gs://b/x.tar") == "pipe:gsutil cat gs://b/x.tar"
-    assert resolve_url("https://host/x.tar") == "https://host/x.tar"
-    assert resolve_url("/data/x.tar") == "/data/x.tar"
-
-
 def test_corrupt_shard_is_a_clear_error(trained, tiny_shards, tmp_path):
     import shutil
 

@@ -24,7 +24,8 @@ from webdataset.filters import _shuffle
 from webdataset.utils import make_seed, pytorch_worker_seed
 
 from pipeline.data.batches import collate
-from pipeline.data.manifest import shard_urls
+from pipeline.data.manifest import shard_records
+from pipeline.data.storage import DEFAULT_STREAM, StreamOptions, damaged, shard_samples
 from pipeline.support.errors import ShardError
 
 
@@ -68,30 +69,36 @@ class _SeededShuffle:
 
 
 def corrupt_shard(exn: Exception) -> bool:
-    """webdataset error handler: stop with an error naming the shard and the fix (never skip
-    samples silently). webdataset appends the shard's URL to the exception's args."""
+    """webdataset error handler for decoding: stop with an error naming the shard and the fix (never
+    skip samples silently). webdataset appends the shard's URL to the exception's args, or, for an
+    undecodable file, keeps it on the DecodingError with the cause."""
+    if isinstance(exn, wds.autodecode.DecodingError):
+        raise damaged(exn.url, f"sample {exn.key}'s {exn.k} does not decode ({exn.__cause__!r})") from exn
     where = next((a for a in reversed(exn.args) if isinstance(a, str) and (".tar" in a or "://" in a)), "a shard")
-    raise ShardError(f"cannot read {where}: {exn.args[0] if exn.args else exn!r}; compare the file with its sha256 "
-                     "in manifest.json and rebuild the shards (`mcci shards build`) if it differs") from exn
+    raise damaged(where, str(exn.args[0]) if exn.args else repr(exn)) from exn
 
 
-def _decoding_stages(handler, num_classes: int, decode: str = "workers") -> list:
-    """Tar reading, then either decoding in the loader's workers (PIL) or passing encoded bytes on."""
+def _decoding_stages(records: dict[str, dict[str, Any]], stream: StreamOptions, num_classes: int,
+                     decode: str = "workers") -> tuple[list, list]:
+    """Verified tar reading (``pipeline.data.storage``), then either decoding in the loader's workers
+    (PIL) or passing encoded bytes on."""
+    read = [wds.pipelinefilter(shard_samples)(records, stream)]
     if decode == "device":
-        return [wds.tarfile_to_samples(handler=handler)], [
-            wds.map(partial(_to_encoded_sample, num_classes=num_classes), handler=handler)]
-    return [wds.tarfile_to_samples(handler=handler)], [
-        wds.decode("torchrgb8", handler=handler),
-        wds.map(partial(_to_sample, num_classes=num_classes), handler=handler),
+        return read, [wds.map(partial(_to_encoded_sample, num_classes=num_classes), handler=corrupt_shard)]
+    return read, [
+        wds.decode("torchrgb8", handler=corrupt_shard),
+        wds.map(partial(_to_sample, num_classes=num_classes), handler=corrupt_shard),
     ]
 
 
 def train_loader(location: str, manifest: dict[str, Any], batch_size: int, steps: int, num_workers: int,
-                 shuffle_buffer: int, seed: int, epoch: int, decode: str = "workers") -> wds.WebLoader:
+                 shuffle_buffer: int, seed: int, epoch: int, decode: str = "workers",
+                 stream: StreamOptions = DEFAULT_STREAM) -> wds.WebLoader:
     """An endless seeded resample of the train shards, cut to ``steps`` full batches per process.
     ``decode="device"`` yields ``EncodedBatch``es for ``pipeline.data.prefetch`` to decode."""
-    urls = shard_urls(location, manifest, "train")
-    read, decoding = _decoding_stages(corrupt_shard, manifest["num_classes"], decode)
+    records = shard_records(location, manifest, "train")
+    urls = list(records)
+    read, decoding = _decoding_stages(records, stream, manifest["num_classes"], decode)
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, seed=make_seed(seed, epoch), deterministic=True),
         *read,
@@ -109,14 +116,16 @@ def train_loader(location: str, manifest: dict[str, Any], batch_size: int, steps
 
 
 def eval_loader(location: str, manifest: dict[str, Any], split: str, batch_size: int,
-                num_workers: int, limit: int | None = None, by_rank: bool = True, decode: str = "workers") -> wds.WebLoader:
+                num_workers: int, limit: int | None = None, by_rank: bool = True, decode: str = "workers",
+                stream: StreamOptions = DEFAULT_STREAM) -> wds.WebLoader:
     """Every sample of ``split`` once across all ranks, in shard order; ``limit`` stops early.
 
     ``by_rank=False`` gives every rank the whole split (for the reference, which must be the same
     on every rank).
     """
-    urls = shard_urls(location, manifest, split)
-    read, decoding = _decoding_stages(corrupt_shard, manifest["num_classes"], decode)
+    records = shard_records(location, manifest, split)
+    urls = list(records)
+    read, decoding = _decoding_stages(records, stream, manifest["num_classes"], decode)
     stages = [wds.SimpleShardList(urls), *([wds.split_by_node] if by_rank else []), wds.split_by_worker, *read, *decoding]
     if limit is not None:
         stages.append(wds.slice(limit))

@@ -2,41 +2,26 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from typing import Any
 
-import webdataset as wds
-
+from pipeline.data.storage import DEFAULT_STREAM, MissingFile, StreamOptions, join, read_bytes
 from pipeline.support.errors import ShardError
 
 MANIFEST = "manifest.json"
 SUPPORTED_FORMAT = 1
 
 
-def _join(location: str, name: str) -> str:
-    return location.rstrip("/") + "/" + name
-
-
-def resolve_url(url: str) -> str:
-    """Local paths and http(s) URLs open as they are (webdataset's gopen, curl for http); cloud
-    object stores stream through their CLIs: s3:// with ``aws s3 cp``, gs:// with ``gsutil cat``."""
-    if url.startswith("s3://"):
-        return f"pipe:aws s3 cp {url} -"
-    if url.startswith("gs://"):
-        return f"pipe:gsutil cat {url}"
-    return url
-
-
-def load_manifest(location: str) -> dict[str, Any]:
-    """Read ``manifest.json`` from a shard folder or URL prefix (anything ``wds.gopen`` opens)."""
-    url = _join(location, MANIFEST)
+def load_manifest(location: str, stream: StreamOptions = DEFAULT_STREAM) -> dict[str, Any]:
+    """Read ``manifest.json`` from a shard folder or URL prefix (local, http(s)://, s3://, gs://)."""
+    url = join(location, MANIFEST)
     try:
-        with wds.gopen(resolve_url(url), "rb") as stream:
-            manifest = json.load(io.TextIOWrapper(stream, encoding="utf-8"))
-    except FileNotFoundError as e:
+        manifest = json.loads(read_bytes(url, stream))
+    except MissingFile as e:
         raise ShardError(f"no {MANIFEST} at {location}; point data.shards at a folder made by `mcci shards build`") from e
-    except (OSError, ValueError) as e:
+    except ShardError:
+        raise
+    except ValueError as e:
         raise ShardError(f"cannot read {url}: {e}; rebuild the shards with `mcci shards build`") from e
     if manifest.get("format_version") != SUPPORTED_FORMAT:
         raise ShardError(f"{url} has format_version {manifest.get('format_version')}, this mcci reads "
@@ -44,13 +29,19 @@ def load_manifest(location: str) -> dict[str, Any]:
     return manifest
 
 
-def shard_urls(location: str, manifest: dict[str, Any], split: str) -> list[str]:
+def shard_records(location: str, manifest: dict[str, Any], split: str) -> dict[str, dict[str, Any]]:
+    """Each shard's URL -> its manifest entry (path, sha256, count, size), in order; the counts must
+    add up to the split's, so that reading every shard (each one's count checked) reads the split."""
     if split not in manifest["splits"]:
         raise ShardError(f"split {split!r} is not in {location}; it has {sorted(manifest['splits'])}")
-    urls = [resolve_url(_join(location, s["path"])) for s in manifest["splits"][split]["shards"]]
-    if not urls:
+    entry = manifest["splits"][split]
+    records = {join(location, s["path"]): s for s in entry["shards"]}
+    if not records:
         raise ShardError(f"split {split!r} of {location} has no shards (0 samples)")
-    return urls
+    if sum(s["count"] for s in records.values()) != entry["count"]:
+        raise ShardError(f"{join(location, MANIFEST)}: the shards of {split!r} hold {sum(s['count'] for s in records.values())} "
+                         f"samples, the split records {entry['count']}; rebuild the shards")
+    return records
 
 
 def fingerprint(manifest: dict[str, Any]) -> str:

@@ -37,6 +37,14 @@ class DataConfig:
     # auto: JPEG shards decode on the GPU (nvJPEG, workers only read tars) when there is one, else in
     # the workers; workers: PIL in the loader's workers; device: torchvision on the training device
     decode: str = "auto"
+    # remote shards (http(s)://, s3://, gs://; credentials from the environment): pipeline/data/storage.py
+    verify: str = "hash"  # hash: each shard's size, sample count and sha256 checked as it streams; size: no hash
+    timeout: float = 60.0  # seconds a connection may stall before it counts as failed
+    retries: int = 3  # further attempts for a shard that fails to open or breaks mid-read
+    retry_backoff: float = 1.0  # seconds before the first retry, doubled for each next one
+    skip_bad_shards: bool = False  # skip (and count) a shard that still fails instead of stopping
+    cache_dir: str = ""  # keep verified remote shards here for later epochs ("" = stream every time)
+    cache_gb: float = 10.0  # the cache's bound, least recently written shards evicted first
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -132,9 +140,10 @@ CHOICES = {
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.compile": ("no", "inductor", "aot_eager", "eager"),
     "data.decode": ("auto", "workers", "device"),
+    "data.verify": ("hash", "size"),
 }
 POSITIVE = ("data.batch_size", "data.eval_batch_size", "train.epochs", "optim.lr", "reference.count",
-            "model.feature_dim", "data.shuffle_buffer")
+            "model.feature_dim", "data.shuffle_buffer", "data.timeout", "data.cache_gb")
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
@@ -228,6 +237,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.ain_widths and model.ain_dropouts must have the same length")
     if not 0.0 < cfg.data.augment.scale_min <= 1.0:
         raise ConfigError(f"data.augment.scale_min must be in (0, 1], got {cfg.data.augment.scale_min}")
+    if cfg.data.retries < 0 or cfg.data.retry_backoff < 0:
+        raise ConfigError("data.retries and data.retry_backoff must be 0 or more")
     if not 0.0 <= cfg.data.augment.translate < 0.5:
         raise ConfigError(f"data.augment.translate must be in [0, 0.5), got {cfg.data.augment.translate}")
 

@@ -1,0 +1,331 @@
+"""Shard folders read from http:// and s3:// servers on 127.0.0.1 (no network): the same results as
+from disk, retries through server faults, one clear line when a shard stays unreadable, and every
+corruption (flipped byte, truncation, deletion, two shards swapped) detected and named."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import http.server
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import TINY_TRAIN
+from pipeline.cli import main
+from pipeline.data.loaders import eval_loader
+from pipeline.data.manifest import load_manifest
+from pipeline.data.storage import DEFAULT_STREAM, StreamOptions
+from pipeline.support.errors import ShardError
+
+def stream_options(**changes) -> StreamOptions:
+    return dataclasses.replace(DEFAULT_STREAM, **changes)
+
+
+FAST = stream_options(retries=2, backoff=0.0, timeout=5.0)
+SHARD = "/train/train-000001.tar"
+
+
+class FaultyHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; ``faults[path]`` lists what the next GETs of that path get instead of the file:
+    "500", "drop" (headers with the full length, half the body, then the connection closed) or
+    "stall" (no answer for longer than the client's timeout, then the file)."""
+    faults: dict[str, list[str]] = {}
+    gets: list[str] = []
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.gets.append(self.path)
+        fault = self.faults[self.path].pop(0) if self.faults.get(self.path) else None
+        if fault == "500":
+            self.send_error(500)
+        elif fault == "drop":
+            body = Path(self.directory, self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            time.sleep(0.5)  # the client reads the first half before the connection goes
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+        else:
+            if fault == "stall":
+                time.sleep(2.0)
+            super().do_GET()
+
+
+@contextmanager
+def serve(folder: Path, **faults: list[str]) -> Iterator[tuple[str, type[FaultyHandler]]]:
+    """``http://127.0.0.1:PORT`` serving ``folder`` from a thread; faults keyed by path (``_`` for ``/``)."""
+    handler = type("Handler", (FaultyHandler,), {"faults": {k.replace("_", "/"): v for k, v in faults.items()},
+                                                 "gets": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def read_split(location: str, split: str = "train", stream: StreamOptions = FAST) -> list[int]:
+    """The dataset indices of a split, in the order read."""
+    return [int(i) for b in eval_loader(location, load_manifest(location, stream), split, 8, 0, stream=stream)
+            for i in b.indices]
+
+
+def test_http_train_and_eval_equal_the_local_run(tiny_shards, tmp_path):
+    metrics = {}
+    with serve(tiny_shards) as (url, handler):
+        for name, location in (("local", str(tiny_shards)), ("http", url)):
+            out = tmp_path / name
+            main(["train", f"data.shards={location}", f"train.out={out}", *TINY_TRAIN])
+            main(["eval", "--checkpoint", str(out), "--shards", location, "--out", str(tmp_path / f"{name}.json"),
+                  "--num-workers", "0", "--device", "cpu"])
+            metrics[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        assert "/manifest.json" in handler.gets and "/test-poisoned/test-poisoned-000000.tar" in handler.gets
+    assert metrics["http"] == metrics["local"]
+    assert (tmp_path / "http" / "model" / "model.safetensors").read_bytes() == \
+           (tmp_path / "local" / "model" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("fault", ["500", "drop", "stall"])
+def test_a_passing_fault_is_retried(tiny_shards, fault):
+    expected = read_split(str(tiny_shards))
+    with serve(tiny_shards, **{SHARD.replace("/", "_"): [fault]}) as (url, handler):
+        stream = stream_options(retries=2, backoff=0.0, timeout=1.0)
+        assert read_split(url, stream=stream) == expected  # resumed where it broke: no sample twice or lost
+        # the fault, then our retry (aiohttp itself may retry a dropped keep-alive connection once more)
+        assert handler.gets.count(SHARD) == 2 if fault == "500" else handler.gets.count(SHARD) >= 2
+
+
+@pytest.mark.parametrize("fault", ["500", "drop"])
+def test_a_lasting_fault_is_one_error_naming_the_url(tiny_shards, fault):
+    with serve(tiny_shards, **{SHARD.replace("/", "_"): [fault] * 10}) as (url, handler):
+        with pytest.raises(ShardError, match=rf"cannot read {url}{SHARD} after 3 attempts: .*data.retries"):
+            read_split(url)
+        assert handler.gets.count(SHARD) == 3 if fault == "500" else handler.gets.count(SHARD) >= 3
+
+
+def test_a_missing_remote_shard_stops_mcci_with_one_line(tiny_shards, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    for shard in (folder / "train").glob("*.tar"):
+        shard.unlink()
+    with serve(folder) as (url, _):
+        r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", f"data.shards={url}",
+                            f"train.out={tmp_path / 'run'}", *TINY_TRAIN,
+                            "data.num_workers=2"],  # the error crosses from a loader worker
+                           capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith(f"mcci train: error: {url}/train/train-0000") and "does not exist" in r.stderr
+
+
+def test_a_missing_manifest_names_the_fix(tmp_path):
+    with serve(tmp_path) as (url, _):
+        with pytest.raises(ShardError, match=f"no manifest.json at {url}; point data.shards"):
+            load_manifest(url, FAST)
+
+
+def test_an_unreachable_server_is_a_fault_not_a_missing_manifest():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ShardError, match=rf"cannot read {url}/manifest.json after 3 attempts: .*data.retries"):
+        load_manifest(url, FAST)
+
+
+def _flip(path: Path, member: str = ".cls") -> None:
+    """One byte of the first ``member`` file changed: a tar that still parses and decodes (``.cls``
+    is not read), or an image that no longer decodes (``.png``)."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        offset = next(m.offset_data for m in tar.getmembers() if m.name.endswith(member))
+    data = bytearray(path.read_bytes())
+    data[offset + (0 if member == ".cls" else 40)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1500])
+
+
+def _swap(path: Path) -> None:
+    other = path.with_name("train-000002.tar")
+    a, b = path.read_bytes(), other.read_bytes()
+    path.write_bytes(b)
+    other.write_bytes(a)
+
+
+CORRUPTIONS = {
+    "flip": (_flip, r"train-000001.tar: its sha256 differs from manifest.json's;"),
+    "flip-image": (functools.partial(_flip, member=".png"), r"train-000001.tar: sample \S+'s png does not decode"),
+    "truncate": (_truncate, r"train-000001.tar: it ends at byte 1500 of the \d+ recorded \(truncated\)"),
+    "delete": (Path.unlink, r"train-000001.tar does not exist"),
+    "swap": (_swap, r"train-000001.tar: its sha256 differs from manifest.json's and equals "
+                    r"train/train-000002.tar's \(shards swapped or renamed\)"),
+}
+
+
+@pytest.mark.parametrize("where", ["local", "http"])
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_corruption_is_detected_and_named(tiny_shards, tmp_path, where, corruption):
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    damage, message = CORRUPTIONS[corruption]
+    damage(folder / "train" / "train-000001.tar")
+    with serve(folder) as (url, _):
+        location = url if where == "http" else str(folder)
+        with pytest.raises(ShardError, match=message) as error:
+            read_split(location)
+    assert f"{location}/train/train-000001.tar" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_verify_size_skips_only_the_hash(tiny_shards, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    _flip(folder / "train" / "train-000001.tar")
+    size_only = stream_options(verify="size", retries=0)
+    read_split(str(folder), stream=size_only)  # same size, same count: accepted without the hash
+    _truncate(folder / "train" / "train-000001.tar")
+    with pytest.raises(ShardError, match="truncated"):
+        read_split(str(folder), stream=size_only)
+
+
+def test_the_sample_count_is_checked_even_without_the_hash(tiny_shards, tmp_path):
+    import tarfile
+
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    path = folder / "train" / "train-000001.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:  # one sample (its files) left out, the size recorded anew
+        first_key = members[0][0].name.split(".")[0]
+        for member, data in members:
+            if not member.name.startswith(first_key + "."):
+                tar.addfile(member, io.BytesIO(data))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][1]["size"] = path.stat().st_size
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"train-000001.tar: it holds 8 samples, manifest.json records 9"):
+        read_split(str(folder), stream=stream_options(verify="size", retries=0))
+
+
+def test_a_split_whose_shards_do_not_add_up_is_refused(tiny_shards, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["splits"]["test-clean"]["count"] += 1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"the shards of 'test-clean' hold 12 samples, the split records 13"):
+        read_split(str(folder), "test-clean")
+
+
+def test_skipping_is_off_by_default_and_counted_when_on(tiny_shards, tmp_path, capsys):
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    (folder / "train" / "train-000001.tar").unlink()
+    with pytest.raises(ShardError):
+        read_split(str(folder))
+    indices = read_split(str(folder), stream=stream_options(skip_bad_shards=True, retries=0))
+    assert len(indices) == 42 - 9
+    assert "skipped " + str(folder / "train" / "train-000001.tar") + ", 9 of its 9 samples not read" in capsys.readouterr().err
+
+
+def test_the_cache_serves_later_epochs_and_stays_bounded(tiny_shards, tmp_path):
+    cache = tmp_path / "cache"
+    stream = stream_options(retries=0, cache_dir=str(cache))
+    with serve(tiny_shards) as (url, handler):
+        first = read_split(url, stream=stream)
+        shard_gets = [p for p in handler.gets if p.endswith(".tar")]
+        assert read_split(url, stream=stream) == first
+        assert [p for p in handler.gets if p.endswith(".tar")] == shard_gets  # the second pass came from the cache
+    manifest = load_manifest(str(tiny_shards))
+    assert {p.name for p in cache.iterdir()} == {s["sha256"] + ".tar" for s in manifest["splits"]["train"]["shards"]}
+    largest = max(s["size"] for s in manifest["splits"]["train"]["shards"])
+    bounded = tmp_path / "bounded"
+    with serve(tiny_shards) as (url, _):
+        read_split(url, stream=stream_options(retries=0, cache_dir=str(bounded), cache_gb=2.5 * largest / 1e9))
+    assert 0 < sum(p.stat().st_size for p in bounded.iterdir()) <= 2.5 * largest
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch) -> Iterator[str]:
+    """moto's S3 server on a free loopback port, with the environment s3fs reads pointing at it."""
+    server_module = pytest.importorskip("moto.server", reason="S3 tests need `pip install -e '.[test]'` (moto[server])")
+    pytest.importorskip("s3fs", reason="S3 tests need `pip install -e '.[test]'` (s3fs)")
+    import fsspec
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its buckets in the process, across servers: start every test from an empty store
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    fsspec.filesystem("s3").clear_instance_cache()  # no client made for another endpoint
+    fsspec.filesystem("s3").mkdir("mcci-test")
+    yield endpoint
+    fsspec.filesystem("s3").clear_instance_cache()
+    server.stop()
+
+
+def test_s3_build_upload_train_and_eval_equal_the_local_run(s3_endpoint, tmp_path):
+    from conftest import make_image_tree
+
+    data = make_image_tree(tmp_path / "data", classes=3, per_class=16, test_per_class=4)
+    build = ["shards", "build", "--source", str(data), "--poison-rate", "0.2", "--shard-size", "9", "--trusted-count", "6"]
+    url = "s3://mcci-test/tiny"
+    main([*build, "--out", url])
+    main([*build, "--out", str(tmp_path / "local")])
+    metrics = {}
+    for name, location in (("local", str(tmp_path / "local")), ("s3", url)):
+        main(["train", f"data.shards={location}", f"train.out={tmp_path / name}", *TINY_TRAIN])
+        main(["eval", "--checkpoint", str(tmp_path / name), "--shards", location, "--out", str(tmp_path / f"{name}.json"),
+              "--num-workers", "0", "--device", "cpu"])
+        metrics[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert metrics["s3"] == metrics["local"]
+    with pytest.raises(SystemExit) as exit_:  # an existing data set is not replaced without --overwrite
+        main([*build, "--out", url])
+    assert exit_.value.code == 2
+
+
+def test_s3_upload_writes_the_manifest_last(s3_endpoint, tiny_shards, monkeypatch):
+    import fsspec
+    from s3fs import S3FileSystem
+
+    from shards.upload import upload_folder
+
+    order = []
+    put_file = S3FileSystem._put_file
+
+    async def recorded(self, lpath, rpath, *args, **kwargs):
+        order.append(rpath)
+        return await put_file(self, lpath, rpath, *args, **kwargs)
+    monkeypatch.setattr(S3FileSystem, "_put_file", recorded)
+    fsspec.filesystem("s3").clear_instance_cache()  # the next instance wraps the recording method
+    upload_folder(tiny_shards, "s3://mcci-test/order", overwrite=False)
+    assert len(order) == sum(1 for p in tiny_shards.rglob("*") if p.is_file())
+    assert order[-1].endswith("mcci-test/order/manifest.json")
