@@ -60,26 +60,22 @@ def evaluate(model: nn.Module, location: str, manifest: dict[str, Any], transfor
     model.eval()
     is_mcci = isinstance(model, MCCI)
     modes = modes or (MCCI_MODES if is_mcci else ("plain",))
-    counts = {m: Counts() for m in modes}
-    target, mode, num_classes = int(manifest["target"]), manifest.get("mode", "all-to-one"), manifest["num_classes"]
+    # one row of Counts per mode, summed on the device and read back once at the end
+    totals = Counts().as_tensor().repeat(len(modes), 1).to(device)
+    # attack_mode, not mode: the loop below names the inference mode
+    target, attack_mode, num_classes = int(manifest["target"]), manifest.get("mode", "all-to-one"), manifest["num_classes"]
     ctx = autocast or (lambda: torch.autocast(device.type, enabled=False))
     for split in ("test-clean", "test-poisoned"):
         for batch in eval_loader(location, manifest, split, batch_size, num_workers):
             batch = batch.to(device)
-            targets = attack_targets(batch.orig_labels, target, mode, num_classes)
+            targets = attack_targets(batch.orig_labels, target, attack_mode, num_classes)
             inputs = transform(batch.images, train=False)
-            for mode in modes:
+            for row, mode in zip(totals, modes):
                 with ctx():
                     pred = _predict(model, inputs, mode)
-                c = counts[mode]
                 if split == "test-clean":
-                    correct, total = count_clean(pred, batch.orig_labels)
-                    c.clean_correct += correct
-                    c.clean_total += total
+                    row[Counts.CLEAN] += count_clean(pred, batch.orig_labels)
                 else:
-                    hits, recovered, total = count_triggered(pred, batch.orig_labels, targets)
-                    c.attack_hits += hits
-                    c.recovered += recovered
-                    c.attack_total += total
-    results = {m: Counts.from_tensor(reduce(c.as_tensor().to(device)).cpu()).metrics() for m, c in counts.items()}
+                    row[Counts.TRIGGERED] += count_triggered(pred, batch.orig_labels, targets)
+    results = {m: Counts.from_tensor(row).metrics() for m, row in zip(modes, reduce(totals).cpu())}
     return results if is_mcci else results["plain"]
