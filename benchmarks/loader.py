@@ -22,7 +22,7 @@ from pipeline.data.prefetch import device_batches
 
 def measure(shards: str, manifest: dict, batch: int, workers: int, decode: str, steps: int,
             device: torch.device) -> float:
-    transform = vit_transform(with_spectra=True)
+    transform = vit_transform(with_spectra=True, device=device)
     loader = train_loader(shards, manifest, batch, steps + 3, workers, 1000, seed=0, epoch=0, decode=decode)
     start, done = None, 0
     for b in device_batches(loader, device):
