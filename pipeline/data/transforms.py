@@ -48,10 +48,10 @@ def affine_theta(shape: torch.Size, cfg: AugmentConfig, generator: torch.Generat
         half_h = (area / aspect * width / height).sqrt()
         fits = (half_w <= 1.0) & (half_h <= 1.0)
         first = fits.int().argmax(0, keepdim=True)  # argmax returns the first of equal maxima
-        fallback = min(max(width / height, cfg.ratio[0]), cfg.ratio[1])
+        fallback_ratio = min(max(width / height, cfg.ratio[0]), cfg.ratio[1])  # of the whole-image fallback
         found = fits.any(0)
-        half_w = torch.where(found, half_w.gather(0, first)[0], min(1.0, fallback * height / width))
-        half_h = torch.where(found, half_h.gather(0, first)[0], min(1.0, width / (fallback * height)))
+        half_w = torch.where(found, half_w.gather(0, first)[0], min(1.0, fallback_ratio * height / width))
+        half_h = torch.where(found, half_h.gather(0, first)[0], min(1.0, width / (fallback_ratio * height)))
     else:
         half_w = half_h = torch.ones(b, device=device)
     theta = torch.zeros(b, 2, 3, device=device)
