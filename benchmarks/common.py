@@ -28,10 +28,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def vit_transform(with_spectra: bool, channels_last: bool = False) -> InputTransform:
+def vit_transform(with_spectra: bool, device: torch.device, channels_last: bool = False) -> InputTransform:
     """The device input path of ViT fine-tuning: flip + random-resized crop, log spectra."""
     return InputTransform((0.5,) * 3, (0.5,) * 3, AugmentConfig(hflip=True, scale_min=0.35), "log", "torch",
-                          with_spectra, channels_last=channels_last)
+                          with_spectra, channels_last=channels_last, device=device)
 
 
 def timed(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeat: int = 10) -> float:

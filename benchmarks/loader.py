@@ -82,7 +82,7 @@ def measure(shards: str, manifest: dict, batch: int, workers: int, decode: str, 
             device: torch.device, read_only: bool = False) -> float:
     """Images/s after three warm-up batches; ``read_only`` stops at the workers' output (encoded,
     verified samples: the storage path alone, as when the GPU decodes)."""
-    transform = vit_transform(with_spectra=True)
+    transform = vit_transform(with_spectra=True, device=device)
     loader = train_loader(shards, manifest, batch, steps + 3, workers, 1000, seed=0, epoch=0,
                           decode="device" if read_only else decode)
     start, done = None, 0

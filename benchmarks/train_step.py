@@ -64,7 +64,7 @@ def bench_model(name: str, args, accelerator: Accelerator) -> dict:
         model = create_model(defense, name, 10, size).to(device).train()
         flops = 3 * (forward_flops(model.sfrn, (1, 3, size, size)) + forward_flops(model.ain, (1, 3, size, size))
                      if defense == "mcci" else forward_flops(model, (1, 3, size, size)))
-        transform = vit_transform(with_spectra=defense == "mcci", channels_last=args.channels_last)
+        transform = vit_transform(with_spectra=defense == "mcci", device=device, channels_last=args.channels_last)
         model, step = trainer_step(accelerator, prepared(model, args), transform, images, labels)
         s = timed(step, device, warmup=5, repeat=args.repeat)
         ips = args.batch / s
@@ -99,7 +99,7 @@ def shard_fed(name: str, args, accelerator: Accelerator) -> dict:
     optimizer = build_optimizer(model, RECIPE)
     scheduler = build_scheduler(optimizer, RECIPE, steps_per_epoch=1000, total_steps=10**6)
     model, optimizer = accelerator.prepare(model, optimizer)
-    transform = vit_transform(with_spectra=True, channels_last=args.channels_last)
+    transform = vit_transform(with_spectra=True, device=device, channels_last=args.channels_last)
     steps = args.shard_steps
     decode = resolve_decode(args.decode, manifest["image_format"], device)
     loader = train_loader(args.shards, manifest, args.batch, steps + 5, args.workers, 2000, 0, 0, decode=decode)

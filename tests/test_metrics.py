@@ -12,7 +12,7 @@ def test_hand_built_predictions():
     pred = torch.tensor([2, 2, 2, 1, 0])
     assert attack_success_rate(pred, true, target=2) == 0.5
     assert recovery_accuracy(pred, true, target=2) == 0.5
-    assert count_triggered(pred, true, target=2) == (1, 1, 2)
+    assert count_triggered(pred, true, target=2).tolist() == [1, 1, 2]
 
 
 def test_asr_respects_a_non_zero_target():

@@ -22,11 +22,13 @@ def build_model(cfg: Config, num_classes: int, image_size: int, load_pretrained:
     return create_model_from_config(to_dict(cfg), num_classes, image_size, load_pretrained)
 
 
-def build_transform(cfg: Config, seed: int = 0, spectra: bool = True) -> InputTransform:
-    """``spectra=False`` for jobs that only run mind control, which never reads an input's spectrum."""
+def build_transform(cfg: Config, seed: int = 0, spectra: bool = True,
+                    device: torch.device | str = "cpu") -> InputTransform:
+    """``spectra=False`` for jobs that only run mind control, which never reads an input's spectrum;
+    ``device``: where training batches will be, for the augmentation's random numbers."""
     return InputTransform(cfg.data.mean, cfg.data.std, cfg.data.augment, cfg.spectrum.normalisation,
                           cfg.spectrum.backend, with_spectra=spectra and cfg.train.defense == "mcci", seed=seed,
-                          channels_last=cfg.train.channels_last)
+                          channels_last=cfg.train.channels_last, device=device)
 
 
 def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from torch import nn
 
 from mcci_models import MCCI
 from pipeline.components.evaluation import evaluate, set_model_reference
+from pipeline.data.storage import StreamOptions
 from pipeline.data.transforms import InputTransform
 from pipeline.support.config import Config
 
@@ -21,11 +22,12 @@ def validate(model: nn.Module, cfg: Config, manifest: dict[str, Any], transform:
     """Metrics per inference mode (``plain``, or MCCI's ``own`` and ``mind_control``) of an unwrapped
     model, counted across ranks. MCCI's mind control uses a reference computed now from
     ``cfg.reference`` (the model's final one is fixed after training); the model is left in eval mode."""
+    stream = StreamOptions.from_config(cfg.data)
     if isinstance(model, MCCI):
         r = cfg.reference
-        set_model_reference(model, cfg.data.shards, manifest, r.kind, r.source, r.count, transform, device)
+        set_model_reference(model, cfg.data.shards, manifest, r.kind, r.source, r.count, transform, device, stream)
     results = evaluate(model, cfg.data.shards, manifest, transform, device, cfg.data.eval_batch_size,
-                       cfg.data.num_workers, reduce=reduce, autocast=autocast)
+                       cfg.data.num_workers, reduce=reduce, autocast=autocast, stream=stream)
     return results if isinstance(model, MCCI) else {"plain": results}
 
 

@@ -1,10 +1,11 @@
 """On the device: augmentation of uint8 batches, the SFRN's normalised input and the AIN's spectrum.
 
-Augmentation is one batched affine resample (flip, zoom, shift per sample), so it costs one kernel
-on a GPU and the spectrum is computed from exactly the pixels the SFRN sees.
+Augmentation is one batched affine resample (flip, random-resized crop, shift per sample), so it
+costs one kernel on a GPU and the spectrum is computed from exactly the pixels the SFRN sees.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,38 +15,68 @@ from pipeline.data.spectra import spectrum
 from pipeline.support.config import AugmentConfig
 
 
-def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random flip, zoom-in and shift of a float batch [B, C, H, W] (values kept in 0..255).
+CROP_ATTEMPTS = 10  # boxes timm's RandomResizedCropAndInterpolation tries before its fallback
 
-    Shifts uncover zeros, like padding then cropping; zooms resample bilinearly.
+
+def affine_theta(shape: torch.Size, cfg: AugmentConfig, generator: torch.Generator | None,
+                 device: torch.device) -> torch.Tensor:
+    """Per sample, the [2, 3] matrix with which ``F.affine_grid`` maps the output onto its input window.
+
+    The window is timm's ``RandomResizedCrop`` box: its area a fraction of the image's, uniform in
+    [``scale_min``, 1]; its aspect ratio (width / height in pixels) log-uniform in ``ratio``; the first
+    of ``CROP_ATTEMPTS`` draws that fits in the image, else the whole image cut to the nearest allowed
+    ratio; placed uniformly inside the image and up to ``translate`` beyond it. In ``affine_grid``'s
+    -1..1 coordinates the window's half-sizes are ``|theta[:, 0, 0]|`` (negative: mirrored) and
+    ``theta[:, 1, 1]``, its centre ``theta[:, :, 2]``.
     """
-    b = images.shape[0]
+    b, height, width = shape[0], shape[-2], shape[-1]
+    crop = cfg.scale_min < 1.0
+    attempts = CROP_ATTEMPTS if crop else 1
+    # Every number of the batch in one draw on the generator's device: no host copy, no sync. The rows
+    # come in the order of the earlier per-row draws, so without a crop (its area row drawn and
+    # unused) the stream, and so earlier runs, repeat exactly.
+    rows = [attempts, int(cfg.hflip), 2, attempts if crop else 0]
+    area_u, flip_u, shift_u, aspect_u = torch.rand(sum(rows), b, generator=generator, device=device).split(rows)
+    flip = flip_u[0].lt(0.5) if cfg.hflip else torch.zeros(b, dtype=torch.bool, device=device)
+    shift_x, shift_y = shift_u.mul(2.0).add(-1.0)
+    if crop:
+        area = area_u.mul(1.0 - cfg.scale_min).add(cfg.scale_min)
+        low, high = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+        aspect = aspect_u.mul(high - low).add(low).exp()
+        # half-sizes in -1..1 coordinates: the window's width (height) over the image's
+        half_w = (area * aspect * height / width).sqrt()
+        half_h = (area / aspect * width / height).sqrt()
+        fits = (half_w <= 1.0) & (half_h <= 1.0)
+        first = fits.int().argmax(0, keepdim=True)  # argmax returns the first of equal maxima
+        fallback_ratio = min(max(width / height, cfg.ratio[0]), cfg.ratio[1])  # of the whole-image fallback
+        found = fits.any(0)
+        half_w = torch.where(found, half_w.gather(0, first)[0], min(1.0, fallback_ratio * height / width))
+        half_h = torch.where(found, half_h.gather(0, first)[0], min(1.0, width / (fallback_ratio * height)))
+    else:
+        half_w = half_h = torch.ones(b, device=device)
+    theta = torch.zeros(b, 2, 3, device=device)
+    theta[:, 0, 0] = torch.where(flip, -half_w, half_w)
+    theta[:, 1, 1] = half_h
+    # room to move: the window stays inside the image, plus the translate margin on each side
+    theta[:, 0, 2] = shift_x * ((1 - half_w) + 2 * cfg.translate)
+    theta[:, 1, 2] = shift_y * ((1 - half_h) + 2 * cfg.translate)
+    return theta
+
+
+def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random flip, random-resized crop and shift of a float batch [B, C, H, W] (values kept in 0..255).
+
+    Without a crop, sampling is nearest: flips and shifts move whole pixels. Crops resample
+    bilinearly and read only the image's own pixels (its border beyond the edge, as a crop of the
+    image would); shifts uncover zeros, like padding then cropping. ``generator`` must be on the
+    images' device.
+    """
     if not cfg.hflip and cfg.translate == 0 and cfg.scale_min == 1.0:
         return images
-    dev = images.device
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.rand(b, generator=generator, device="cpu").mul(high - low).add(low).to(dev)
-
-    scale = uniform(cfg.scale_min, 1.0)
-    flip = torch.rand(b, generator=generator, device="cpu").lt(0.5).to(dev) if cfg.hflip else torch.zeros(b, dtype=torch.bool, device=dev)
-    # room to move: the zoomed window stays inside the image, plus the translate margin
-    room = (1 - scale) + 2 * cfg.translate
-    tx = uniform(-1.0, 1.0) * room
-    ty = uniform(-1.0, 1.0) * room
-    if cfg.translate > 0 and cfg.scale_min == 1.0:
-        # whole-pixel shifts, as a pad-and-crop would make
-        side = images.shape[-1]
-        tx = torch.round(tx * side / 2) * 2 / side
-        ty = torch.round(ty * side / 2) * 2 / side
-    theta = torch.zeros(b, 2, 3, device=dev, dtype=images.dtype)
-    theta[:, 0, 0] = torch.where(flip, -scale, scale)
-    theta[:, 1, 1] = scale
-    theta[:, 0, 2] = tx
-    theta[:, 1, 2] = ty
+    theta = affine_theta(images.shape, cfg, generator, images.device).to(images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    mode = "nearest" if cfg.scale_min == 1.0 else "bilinear"
-    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest" if cfg.scale_min == 1.0 else "bilinear",
+                         padding_mode="zeros" if cfg.translate > 0 else "border", align_corners=False)
 
 
 @dataclass
@@ -58,13 +89,15 @@ class InputTransform:
     """uint8 batch on the device -> (SFRN input, AIN spectrum)."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], augment_cfg: AugmentConfig,
-                 normalisation: str, backend: str, with_spectra: bool, seed: int = 0, channels_last: bool = False):
+                 normalisation: str, backend: str, with_spectra: bool, seed: int = 0, channels_last: bool = False,
+                 device: torch.device | str = "cpu"):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std).view(1, -1, 1, 1) * 255.0
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.augment_cfg = augment_cfg
         self.normalisation, self.backend, self.with_spectra = normalisation, backend, with_spectra
-        self.generator = torch.Generator().manual_seed(seed)
+        # on the device the batches are on: augmentation draws its numbers there, never copies them
+        self.generator = torch.Generator(device).manual_seed(seed)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images_uint8: torch.Tensor, train: bool) -> ModelInputs:

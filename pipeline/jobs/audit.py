@@ -31,6 +31,7 @@ from sklearn.metrics import roc_auc_score
 from mcci_models import MCCI
 from pipeline.components.models import build_transform, job_device, load_matching_manifest, load_trained
 from pipeline.data.loaders import eval_loader
+from pipeline.data.storage import DEFAULT_STREAM, StreamOptions
 from pipeline.support.errors import JobError
 from pipeline.support.plots import plt, save_figure
 from pipeline.support.report import write_json, write_text
@@ -40,12 +41,12 @@ COLUMNS = ("index", "label", "orig_label", "poisoned", "own_pred", "mind_control
 
 @torch.no_grad()
 def score_samples(model: MCCI, location: str, manifest: dict[str, Any], split: str, transform, device: torch.device,
-                  batch_size: int, num_workers: int) -> torch.Tensor:
+                  batch_size: int, num_workers: int, stream: StreamOptions = DEFAULT_STREAM) -> torch.Tensor:
     """Rows of COLUMNS (float64) for this rank's share of ``split``."""
     if not bool(model.has_reference):
         raise JobError("the model has no mind-control reference; audit the out folder of `mcci train`")
     rows = []
-    for batch in eval_loader(location, manifest, split, batch_size, num_workers):
+    for batch in eval_loader(location, manifest, split, batch_size, num_workers, stream=stream):
         batch = batch.to(device)
         inputs = transform(batch.images, train=False)
         sfrn_features, ain_features = model.features(inputs.images, inputs.spectra)
@@ -119,7 +120,8 @@ def audit(checkpoint: str | Path, shards: str, out: str | Path, split: str = "tr
     manifest = load_matching_manifest(shards, meta)
     if split not in manifest["splits"]:
         raise JobError(f"{shards} has no split {split!r}; splits: {sorted(manifest['splits'])}")
-    rows = score_samples(model, shards, manifest, split, build_transform(cfg), dev, batch_size, num_workers)
+    rows = score_samples(model, shards, manifest, split, build_transform(cfg), dev, batch_size, num_workers,
+                         StreamOptions.from_config(cfg.data))
     rows = torch.cat(gather_object([rows]))
     if not state.is_main_process:
         return None

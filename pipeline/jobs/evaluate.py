@@ -10,6 +10,7 @@ from accelerate.utils import reduce
 from mcci_models import MCCI
 from pipeline.components.evaluation import evaluate, set_model_reference
 from pipeline.components.models import build_transform, job_device, load_matching_manifest, load_trained
+from pipeline.data.storage import StreamOptions
 from pipeline.support.errors import JobError
 
 REFERENCE_HELP = "KIND:SOURCE:COUNT, e.g. feature:trusted:100 or spectrum:test-clean:100 (COUNT 1 = one image)"
@@ -35,9 +36,11 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[st
     model, cfg, meta = load_trained(checkpoint, dev)
     manifest = load_matching_manifest(shards, meta)
     transform = build_transform(cfg)
+    stream = StreamOptions.from_config(cfg.data)  # the run's verification and retry settings
+
     def run(modes: tuple[str, ...] | None = None) -> dict[str, Any]:
         return evaluate(model, shards, manifest, transform, dev, batch_size, num_workers, modes=modes,
-                        reduce=lambda t: reduce(t, "sum"))
+                        reduce=lambda t: reduce(t, "sum"), stream=stream)
 
     if not isinstance(model, MCCI):
         return {"baseline": run()}
@@ -46,7 +49,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[st
     alternatives = {}
     for text in references:
         kind, source, count = parse_reference(text)
-        set_model_reference(model, shards, manifest, kind, source, count, transform, dev)
+        set_model_reference(model, shards, manifest, kind, source, count, transform, dev, stream)
         alternatives[text] = run(("mind_control",))["mind_control"]
     if alternatives:
         model.reference_feature.copy_(stored[0])

@@ -38,6 +38,7 @@ from pipeline.components.validation import VAL_LOG, describe, validate
 from pipeline.data.loaders import steps_per_epoch, train_loader
 from pipeline.data.manifest import load_manifest
 from pipeline.data.prefetch import device_batches, resolve_decode
+from pipeline.data.storage import StreamOptions
 from pipeline.data.transforms import InputTransform, ModelInputs
 from pipeline.support.config import Config, load_config
 from pipeline.support.errors import ConfigError, JobError
@@ -143,7 +144,8 @@ def train(cfg: Config) -> Path:
                               project_dir=str(out), gradient_accumulation_steps=cfg.train.grad_accumulation)
     _check_out(cfg)
     set_seed(cfg.train.seed)  # the same initial weights on every rank
-    manifest = load_manifest(cfg.data.shards)
+    stream = StreamOptions.from_config(cfg.data)  # how shards are read: verification, retries, cache
+    manifest = load_manifest(cfg.data.shards, stream)
     steps = steps_per_epoch(manifest, cfg.data.batch_size, accelerator.num_processes)  # micro-batches
     check_data_for_run(cfg, manifest, mixed_precision, steps)
     total_steps = steps * cfg.train.epochs
@@ -169,7 +171,8 @@ def train(cfg: Config) -> Path:
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     seed_rank_randomness(cfg.train.seed, accelerator.process_index)
     input_dtype = deepspeed_input_dtype(accelerator)
-    transform = build_transform(cfg, seed=cfg.train.seed * 1000 + accelerator.process_index)
+    transform = build_transform(cfg, seed=cfg.train.seed * 1000 + accelerator.process_index,
+                                device=accelerator.device)
     loss_fn = partial(training_loss, label_smoothing=cfg.optim.label_smoothing, variant=cfg.train.mcci_variant,
                       weight=cfg.train.mcci_variant_weight)
     decode = resolve_decode(cfg.data.decode, manifest["image_format"], accelerator.device)
@@ -231,7 +234,7 @@ def train(cfg: Config) -> Path:
         set_train_mode(model, cfg.train.freeze_bn_stats)
         loader = train_loader(cfg.data.shards, manifest, cfg.data.batch_size, steps, cfg.data.num_workers,
                               cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + accelerator.process_index,
-                              epoch=epoch, decode=decode)
+                              epoch=epoch, decode=decode, stream=stream)
         # After a mid-epoch resume, replay the epoch's seeded stream up to where the checkpoint was
         # taken: the data order (and so the result) matches an uninterrupted run.
         for batch in device_batches(itertools.islice(loader, step - epoch * steps, None), accelerator.device):
@@ -288,7 +291,8 @@ def save_trained_model(accelerator: Accelerator, model: nn.Module, cfg: Config, 
         if isinstance(plain, MCCI):
             r = cfg.reference
             meta["reference"] = set_model_reference(plain.to(accelerator.device), cfg.data.shards, manifest, r.kind,
-                                                    r.source, r.count, transform, accelerator.device)
+                                                    r.source, r.count, transform, accelerator.device,
+                                                    StreamOptions.from_config(cfg.data))
         save_model(model_dir, plain.state_dict(), cfg, meta)
         accelerator.print(f"saved {model_dir}")
     accelerator.wait_for_everyone()

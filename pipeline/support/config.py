@@ -24,7 +24,11 @@ from pipeline.support.errors import ConfigError
 class AugmentConfig:
     hflip: bool = True
     translate: float = 0.0  # max shift as a fraction of the side (0.125 = CIFAR's pad-4 crop at 32 px)
-    scale_min: float = 1.0  # random zoom-in down to this fraction of the side (random-resized crop)
+    # Random-resized crop as timm's RandomResizedCrop: the window's area a fraction of the image's,
+    # uniform in [scale_min, 1] (1: no crop), its width / height log-uniform in `ratio`, resampled to
+    # the image's size. Shards need room to crop: see docs/ARCHITECTURE.md, "Shard size and crops".
+    scale_min: float = 1.0
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 
 @dataclass
@@ -239,6 +243,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.augment.scale_min must be in (0, 1], got {cfg.data.augment.scale_min}")
     if cfg.data.retries < 0 or cfg.data.retry_backoff < 0:
         raise ConfigError("data.retries and data.retry_backoff must be 0 or more")
+    if not 0.0 < cfg.data.augment.ratio[0] <= cfg.data.augment.ratio[1]:
+        raise ConfigError(f"data.augment.ratio must be (low, high) with 0 < low <= high, got {cfg.data.augment.ratio}")
     if not 0.0 <= cfg.data.augment.translate < 0.5:
         raise ConfigError(f"data.augment.translate must be in [0, 0.5), got {cfg.data.augment.translate}")
 

@@ -21,6 +21,10 @@ class Counts:
     recovered: int = 0  # triggered, true label != target, predicted true label
     attack_total: int = 0
 
+    # where count_clean's and count_triggered's tensors go in as_tensor's layout
+    CLEAN = slice(0, 2)
+    TRIGGERED = slice(2, 5)
+
     def as_tensor(self) -> torch.Tensor:
         return torch.tensor([self.clean_correct, self.clean_total, self.attack_hits, self.recovered,
                              self.attack_total], dtype=torch.long)
@@ -37,8 +41,9 @@ class Counts:
                 "ra": self.recovered / self.attack_total}
 
 
-def count_clean(pred: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    return int((pred == labels).sum()), int(labels.numel())
+def count_clean(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[correct, total] as a long tensor on the predictions' device: summing these costs no host sync."""
+    return torch.stack([pred == labels, torch.ones_like(labels, dtype=torch.bool)]).sum(1)
 
 
 def attack_targets(true_labels: torch.Tensor, target: int, mode: str = "all-to-one",
@@ -49,27 +54,27 @@ def attack_targets(true_labels: torch.Tensor, target: int, mode: str = "all-to-o
     return torch.full_like(true_labels, target)
 
 
-def count_triggered(pred: torch.Tensor, true_labels: torch.Tensor, target: int | torch.Tensor) -> tuple[int, int, int]:
-    """(predicted target, predicted true label, total) over inputs whose true label is not their
-    target (``target``: one class, or one per input)."""
+def count_triggered(pred: torch.Tensor, true_labels: torch.Tensor, target: int | torch.Tensor) -> torch.Tensor:
+    """[predicted target, predicted true label, total] over inputs whose true label is not their
+    target (``target``: one class, or one per input), as a long tensor on the predictions' device.
+    Masks, not boolean indexing: an indexed tensor's size would have to be read back from a GPU."""
     targets = torch.as_tensor(target, device=true_labels.device).expand_as(true_labels)
     keep = true_labels != targets
-    p, t = pred[keep], true_labels[keep]
-    return int((p == targets[keep]).sum()), int((p == t).sum()), int(keep.sum())
+    return torch.stack([keep & (pred == targets), keep & (pred == true_labels), keep]).sum(1)
 
 
 def clean_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    correct, total = count_clean(pred, labels)
+    correct, total = count_clean(pred, labels).tolist()
     return correct / total
 
 
 def attack_success_rate(pred: torch.Tensor, true_labels: torch.Tensor, target: int) -> float:
-    hits, _, total = count_triggered(pred, true_labels, target)
+    hits, _, total = count_triggered(pred, true_labels, target).tolist()
     return hits / total
 
 
 def recovery_accuracy(pred: torch.Tensor, true_labels: torch.Tensor, target: int) -> float:
-    _, recovered, total = count_triggered(pred, true_labels, target)
+    _, recovered, total = count_triggered(pred, true_labels, target).tolist()
     return recovered / total
 
 

@@ -1,5 +1,8 @@
 """Figures: training curves, the defense matrix, and the one way every PNG here is written.
 
+Each figure is built by a ``*_figure`` function, which tests read back (what is drawn), and written
+by the ``plot_*`` function beside it.
+
 Matplotlib runs headless (Agg): cluster nodes have no display. Every figure is written to a
 temporary file and renamed, so a reader never sees half a PNG.
 """
@@ -30,12 +33,8 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
-def plot_training_log(log_path: str | Path, out: str | Path) -> Path | None:
-    """Loss, learning rate, throughput and gradient norm against step, from ``train_log.jsonl``.
-    Returns None when the log has no records yet."""
-    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    if not records:
-        return None
+def training_log_figure(records: list[dict[str, Any]]) -> plt.Figure:
+    """Loss, learning rate, throughput and gradient norm against step (a panel for each logged key)."""
     step = np.array([r["step"] for r in records])
     panels = [("loss", "training loss"), ("lr", "learning rate"), ("images_per_s", "images/s (all ranks)"),
               ("grad_norm", "gradient norm (before clipping)")]
@@ -50,10 +49,17 @@ def plot_training_log(log_path: str | Path, out: str | Path) -> Path | None:
         epochs = [r["step"] for a, r in zip(records, records[1:]) if r["epoch"] != a["epoch"]]
         for boundary in epochs:  # epoch starts, to read a curve against the schedule
             ax.axvline(boundary, color="0.85", lw=0.6, zorder=0)
-    return save_figure(fig, out)
+    return fig
 
 
-def plot_defense_matrix(rows: list[dict[str, Any]], out: str | Path) -> Path:
+def plot_training_log(log_path: str | Path, out: str | Path) -> Path | None:
+    """``training_log_figure`` of ``train_log.jsonl``, written to ``out``. Returns None when the log
+    has no records yet."""
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    return save_figure(training_log_figure(records), out) if records else None
+
+
+def defense_matrix_figure(rows: list[dict[str, Any]]) -> plt.Figure:
     """Per attack: ASR and clean accuracy of the baseline and of MCCI under mind control."""
     names = [r["attack"] for r in rows]
     x = np.arange(len(rows))
@@ -68,16 +74,17 @@ def plot_defense_matrix(rows: list[dict[str, Any]], out: str | Path) -> Path:
         ax.set_ylim(0, 1)
         ax.set_title(title, fontsize=10)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=2, fontsize=8)
-    return save_figure(fig, out)
+    return fig
 
 
-def plot_validation_log(log_path: str | Path, out: str | Path) -> Path | None:
-    """Clean accuracy, ASR and RA against epoch, one line per inference mode and weights (raw, EMA),
-    from ``val_log.jsonl``: where the attack lands and whether mind control holds. None when empty."""
-    path = Path(log_path)
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    if not records:
-        return None
+def plot_defense_matrix(rows: list[dict[str, Any]], out: str | Path) -> Path:
+    """``defense_matrix_figure`` of ``rows``, written to ``out``."""
+    return save_figure(defense_matrix_figure(rows), out)
+
+
+def validation_log_figure(records: list[dict[str, Any]]) -> plt.Figure:
+    """Clean accuracy, ASR and RA against epoch, one line per inference mode and weights (raw, EMA):
+    where the attack lands and whether mind control holds."""
     series = sorted({(r["weights"], r["mode"]) for r in records})
     fig, axes = plt.subplots(1, 3, figsize=(9.6, 2.8), constrained_layout=True)
     for ax, (key, title) in zip(axes, (("clean_acc", "clean accuracy"), ("asr", "attack success rate"),
@@ -91,5 +98,11 @@ def plot_validation_log(log_path: str | Path, out: str | Path) -> Path | None:
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7)
-    return save_figure(fig, out)
+    return fig
 
+
+def plot_validation_log(log_path: str | Path, out: str | Path) -> Path | None:
+    """``validation_log_figure`` of ``val_log.jsonl``, written to ``out``; None when it has no records."""
+    path = Path(log_path)
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return save_figure(validation_log_figure(records), out) if records else None
