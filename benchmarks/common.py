@@ -30,7 +30,7 @@ def sync(device: torch.device) -> None:
 
 def vit_transform(with_spectra: bool, device: torch.device, channels_last: bool = False) -> InputTransform:
     """The device input path of ViT fine-tuning: flip + random-resized crop, log spectra."""
-    return InputTransform((0.5,) * 3, (0.5,) * 3, AugmentConfig(hflip=True, scale_min=0.35), "log", "torch",
+    return InputTransform((0.5,) * 3, (0.5,) * 3, AugmentConfig(hflip=True, scale_min=0.08), "log", "torch",
                           with_spectra, channels_last=channels_last, device=device)
 
 
