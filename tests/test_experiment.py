@@ -29,7 +29,7 @@ def test_experiment_writes_metrics_and_audit_then_reuses_them_only_for_the_same_
     # any other configuration is refused, naming what changed, and nothing there is touched
     same = dict(shards=spec, overrides=TINY_TRAIN, references=("spectrum:trusted:3",))
     for change, named in (
-        (dict(overrides=[*TINY_TRAIN, "train.epochs=2"]), "train.train.epochs: 1 there, 2 now"),
+        (dict(overrides=[*TINY_TRAIN, "train.epochs=2"]), "config.train.epochs: 1 there, 2 now"),
         (dict(shards=dataclasses.replace(spec, poison_rate=0.3)), "shards.poison_rate: 0.2 there, 0.3 now"),
         (dict(references=("feature:trusted:1",)), "references"),
     ):

@@ -38,7 +38,7 @@ def experiment_config(shards: BuildSpec, config: str | None, overrides: list[str
         section, name = key.split(".")
         train_cfg[section].pop(name)
     build = {k: v for k, v in dataclasses.asdict(shards).items() if k not in ("out", "workers", "overwrite")}
-    return json.loads(json.dumps({"shards": build, "train": train_cfg, "references": list(references)}))
+    return json.loads(json.dumps({"shards": build, "config": train_cfg, "references": list(references)}))
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
