@@ -97,7 +97,11 @@ def _train(args: argparse.Namespace) -> None:
     from pipeline.jobs.train import train
     from pipeline.support.config import load_config
 
-    train(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.shards:  # the one key without a usable default
+        raise ConfigError("data.shards is not set; add data.shards=FOLDER (made by `mcci shards build`) or set it "
+                          "in the --config file")
+    train(cfg)
 
 
 def _eval(args: argparse.Namespace) -> None:

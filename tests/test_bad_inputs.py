@@ -35,6 +35,7 @@ def files(tmp_path):
 
 CASES = [
     # configuration: file, syntax, keys, values
+    (["train"], r"data.shards is not set; add data.shards=FOLDER"),
     (["train", "--config", "{d}/missing.yaml"], r"config file .*missing.yaml does not exist"),
     (["train", "--config", "{d}"], r"is a folder; give a YAML file"),
     (["train", "--config", "{d}/bad.yaml"], r"cannot read .*bad.yaml as YAML: .*line 3"),
