@@ -1,15 +1,66 @@
-"""The ``mcci`` command: parses arguments and calls the job functions; nothing else."""
+"""The ``mcci`` command: parses arguments and calls the job functions; nothing else.
+
+Every expected error (bad input, a missing or unreadable path, an interrupt) ends in one line on
+stderr, ``mcci <command>: error: ...``, with exit code 2 (128 + the signal for an interrupt);
+``--debug`` or ``MCCI_DEBUG=1`` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn
 
 import yaml
 
 from pipeline.jobs.evaluate import REFERENCE_HELP
-from pipeline.support.errors import USER_ERRORS
+from pipeline.support.config import describe_keys
+from pipeline.support.errors import USER_ERRORS, ConfigError
+from shards.build import MAX_IMAGE_SIZE
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the one-line form of every other error (usage stays in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    return text
+
+
+def _read_file(path: str, option: str, parse: Callable[[str], Any], kind: str) -> Any:
+    """A file named by an option, parsed; what cannot be read or parsed is one line naming it."""
+    try:
+        data = parse(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"{option} {path}: cannot read it as {kind} ({' '.join(str(e).split())})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{option} {path} must hold a {kind} mapping, got {type(data).__name__}")
+    return data
 
 
 def _shards_build(args: argparse.Namespace) -> None:
@@ -18,10 +69,15 @@ def _shards_build(args: argparse.Namespace) -> None:
 
     params = {}
     if args.attack_config:
-        params.update(yaml.safe_load(open(args.attack_config)) or {})
+        params.update(_read_file(args.attack_config, "--attack-config", lambda t: yaml.safe_load(t) or {}, "YAML"))
     for text in args.param:
-        key, _, value = text.partition("=")
-        params[key] = yaml.safe_load(value)
+        key, equals, value = text.partition("=")
+        if not key.strip() or not equals:
+            raise ConfigError(f"--param {text!r} must look like KEY=VALUE, e.g. --param alpha=0.2")
+        try:
+            params[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            params[key.strip()] = value  # not YAML: the text itself, for the attack to check
     manifest = (build_and_upload if is_remote(args.out) else build_shards)(BuildSpec(
         source=args.source, test_source=args.test_source, out=args.out, attack=args.attack,
         poison_rate=args.poison_rate, target=args.target, mode=args.mode, seed=args.seed, image_size=args.image_size,
@@ -42,7 +98,11 @@ def _train(args: argparse.Namespace) -> None:
     from pipeline.jobs.train import train
     from pipeline.support.config import load_config
 
-    train(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.shards:  # the one key without a usable default
+        raise ConfigError("data.shards is not set; add data.shards=FOLDER (made by `mcci shards build`) or set it "
+                          "in the --config file")
+    train(cfg)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -51,13 +111,19 @@ def _eval(args: argparse.Namespace) -> None:
     from pipeline.jobs.evaluate import evaluate_checkpoint
     from pipeline.support.report import add_der, format_table, write_json
 
+    baseline = None
+    if args.baseline_metrics:  # read before the evaluation: a bad file is refused before any work
+        baseline = _read_file(args.baseline_metrics, "--baseline-metrics", json.loads, "JSON")
+        baseline = baseline.get("baseline", baseline)
+        if not isinstance(baseline, dict) or not {"clean_acc", "asr"} <= set(baseline):
+            raise ConfigError(f"--baseline-metrics {args.baseline_metrics} has no clean_acc and asr; give the "
+                              "JSON `mcci eval --out` wrote for the undefended model")
     results = evaluate_checkpoint(args.checkpoint, args.shards, args.reference, args.batch_size, args.num_workers,
                                   args.device)
     if not PartialState().is_main_process:
         return
-    if args.baseline_metrics:
-        baseline = json.load(open(args.baseline_metrics))
-        add_der(results, baseline.get("baseline", baseline))
+    if baseline is not None:
+        add_der(results, baseline)
     print(format_table(results))
     if args.out:
         write_json(args.out, results)
@@ -101,18 +167,22 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 
 def _add_compute_args(parser: argparse.ArgumentParser, batch_size: int, loader_workers: bool) -> None:
-    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--batch-size", type=_at_least(1), default=batch_size)
     if loader_workers:
-        parser.add_argument("--num-workers", type=int, default=2, help="shard-reading processes")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+        parser.add_argument("--num-workers", type=_at_least(0), default=2, help="shard-reading processes")
+    parser.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when present)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mcci", description="Train clean classifiers on poisoned data (MCCI).")
+    # --debug is accepted before or after the subcommand; SUPPRESS keeps a later parser from resetting it
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error (also MCCI_DEBUG=1)")
+    parser = _Parser(prog="mcci", description="Train clean classifiers on poisoned data (MCCI).", parents=[debug])
     sub = parser.add_subparsers(dest="command", required=True)
 
     shards = sub.add_parser("shards", help="make WebDataset shards").add_subparsers(dest="shards_command", required=True)
-    b = shards.add_parser("build", help="poison a dataset and write train/trusted/test shards")
+    b = shards.add_parser("build", help="poison a dataset and write train/trusted/test shards", parents=[debug])
     b.add_argument("--source", required=True, help="class-folder tree, .tar/.tar.gz of one, HF dataset (save_to_disk "
                    "folder or hub name), or embedded:digits")
     b.add_argument("--test-source", help="separate source for the test split (e.g. cifar10-test.tar.gz)")
@@ -125,28 +195,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all-to-all relabels y to y+1 mod K")
     b.add_argument("--out", required=True, help="folder, or s3://bucket/prefix (gs://...) to upload to")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--image-size", type=int, help="resize (shorter side) and centre-crop to N px")
+    b.add_argument("--image-size", type=int, help=f"resize (shorter side) and centre-crop to N px (8..{MAX_IMAGE_SIZE}; "
+                   "default: the first training image's size, every image then must have it)")
     b.add_argument("--format", default="auto", choices=["auto", "png", "jpeg"], help="auto: PNG up to 64 px, else JPEG")
     b.add_argument("--jpeg-quality", type=int, default=95)
     b.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     b.add_argument("--trusted-count", type=int, default=100, help="clean training images held out as the trusted set")
     b.add_argument("--max-train", type=int, help="use a seeded random subset of N training images")
     b.add_argument("--workers", type=int, default=0, help="processes (0: automatic)")
-    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--overwrite", action="store_true", help="replace an earlier build's folder (only one with its "
+                   "manifest.json and nothing foreign)")
     b.set_defaults(func=_shards_build)
-    p = shards.add_parser("preview", help="PNG of clean vs poisoned samples, their difference and spectrum change")
+    p = shards.add_parser("preview", help="PNG of clean vs poisoned samples, their difference and spectrum change",
+                          parents=[debug])
     p.add_argument("shards", help="shard folder made by `mcci shards build`")
     p.add_argument("--out", help="PNG path (default: SHARDS/preview.png)")
-    p.add_argument("--count", type=int, default=8, help="images per row")
-    p.add_argument("--pairs", type=int, default=256, help="clean/poisoned pairs averaged for the maps")
+    p.add_argument("--count", type=_at_least(1), default=8, help="images per row")
+    p.add_argument("--pairs", type=_at_least(1), default=256, help="clean/poisoned pairs averaged for the maps")
     p.set_defaults(func=_shards_preview)
 
-    t = sub.add_parser("train", help="train MCCI or the undefended baseline")
+    t = sub.add_parser("train", help="train MCCI or the undefended baseline", parents=[debug],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=describe_keys())
     t.add_argument("--config", help="YAML config (see configs/)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.epochs=5")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="CA / ASR / RA of a trained model")
+    e = sub.add_parser("eval", help="CA / ASR / RA of a trained model", parents=[debug])
     e.add_argument("--checkpoint", required=True, help="the out folder of `mcci train` (or its model/)")
     e.add_argument("--shards", required=True, help="shard folder with test-clean and test-poisoned splits")
     e.add_argument("--out", help="metrics JSON to write")
@@ -155,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compute_args(e, batch_size=256, loader_workers=True)
     e.set_defaults(func=_eval)
 
-    a = sub.add_parser("audit", help="flag training samples whose label only the AIN explains (likely poisoned)")
+    a = sub.add_parser("audit", help="flag training samples whose label only the AIN explains (likely poisoned)",
+                       parents=[debug])
     a.add_argument("--checkpoint", required=True, help="the out folder of `mcci train` with train.defense=mcci")
     a.add_argument("--shards", required=True, help="the shard folder it was trained on")
     a.add_argument("--out", required=True, help="folder for audit.json, samples.jsonl and scores.png")
@@ -163,38 +238,56 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compute_args(a, batch_size=256, loader_workers=True)
     a.set_defaults(func=_audit)
 
-    pr = sub.add_parser("predict", help="classify image files (MCCI models under mind control)")
+    pr = sub.add_parser("predict", help="classify image files (MCCI models under mind control)", parents=[debug])
     pr.add_argument("--checkpoint", required=True, help="the out folder of `mcci train` (or its model/)")
     pr.add_argument("images", nargs="+", help="image files or folders of them (searched recursively)")
-    pr.add_argument("--top-k", type=int, default=1)
+    pr.add_argument("--top-k", type=_at_least(1), default=1)
     pr.add_argument("--out", help="JSONL file to write (default: print a line per image)")
     _add_compute_args(pr, batch_size=64, loader_workers=False)
     pr.set_defaults(func=_predict)
 
-    x = sub.add_parser("export", help="the trained classifier as a plain timm model (MCCI folded under mind control)")
+    x = sub.add_parser("export", help="the trained classifier as a plain timm model (MCCI folded under mind control)",
+                       parents=[debug])
     x.add_argument("--checkpoint", required=True, help="the out folder of `mcci train` (or its model/)")
     x.add_argument("--out", required=True, help="new folder: config.json + model.safetensors, timm's format")
     x.set_defaults(func=_export)
 
-    q = sub.add_parser("quickstart", help="offline end-to-end demo on embedded data (CPU, minutes)")
+    q = sub.add_parser("quickstart", help="offline end-to-end demo on embedded data (CPU, minutes)", parents=[debug])
     q.add_argument("--out", default="runs/quickstart")
-    q.add_argument("--epochs", type=int, default=12)
+    q.add_argument("--epochs", type=_at_least(1), default=12)
     q.set_defaults(func=_quickstart)
     return parser
 
 
+def _fail(args: argparse.Namespace, message: str, code: int) -> NoReturn:
+    print(f"mcci {args.command}: error: {' '.join(message.split())}", file=sys.stderr)  # one line, always
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The one top-level handler: expected errors become one line (exit 2), anything else a traceback."""
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("MCCI_DEBUG", "0") not in ("", "0")
     try:
         args.func(args)
     except BrokenPipeError:  # output piped into `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        signum = getattr(e, "signum", signal.SIGINT)  # shards.errors.Interrupted carries SIGTERM
+        _fail(args, f"interrupted by {signal.Signals(signum).name}; outputs are written aside and renamed, so none "
+                    "is half-written", 128 + signum)
     except USER_ERRORS as e:
+        if debug:
+            raise
         # raised in a DataLoader worker, the error arrives wrapped in its traceback, whose last line it is
-        line = str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
-        print(f"mcci {args.command}: error: {line}", file=sys.stderr)
-        sys.exit(2)
+        _fail(args, str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: "), 2)
+    except OSError as e:  # a path the system refuses (permissions, a file where a folder is needed, a full disk)
+        if debug:
+            raise
+        _fail(args, f"{e.filename or ''}: {e.strerror or e}; check the path, its permissions and free space", 2)
 
 
 if __name__ == "__main__":

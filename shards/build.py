@@ -13,20 +13,36 @@ Modes: ``all-to-one`` relabels poisoned training images to ``target``; ``all-to-
 label y to (y + 1) mod K. Attacks with cross samples (WaNet's noise mode) also modify extra training
 images that keep their labels (``cross`` in the sample metadata, ``cross_indices`` in the manifest).
 
-Output is written to a temporary folder next to ``out`` and renamed into place at the end, so a
-crash never leaves a folder that looks complete; the same inputs and seed give byte-identical shards.
+Output is written to a hidden temporary folder next to ``out`` and swapped into place at the end,
+so a crash never leaves a folder that looks complete and an interrupted rebuild leaves the old
+output as it was; the same inputs and seed give byte-identical shards. ``--overwrite`` replaces only
+a shard folder this project wrote (``manifest.json`` and the split folders, nothing else), never one
+that is, holds or lies inside the source. A lock file next to ``out`` refuses a second build into
+the same folder while the first runs; SIGINT and SIGTERM stop the build and remove its temporary
+folder, and a build finds and removes what a killed one left.
+
+Image size: ``--image-size N`` resizes (shorter side) and centre-crops every image to N px;
+without it the first training image (in source order) sets the size, it must be square, and every
+other image must have it. Either way the size is at most ``MAX_IMAGE_SIZE``, and a source image
+above Pillow's ``MAX_IMAGE_PIXELS`` is refused before it is decoded (shards.sources.open_image_file).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import webdataset as wds
@@ -34,13 +50,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from shards.attacks import AttackContext, build_attack
-from shards.errors import ShardBuildError
+from shards.errors import Interrupted, ShardBuildError
 from shards.sources import LabelledImages, encode_image, load_source
 
 FORMAT_VERSION = 1
 MODES = ("all-to-one", "all-to-all")
 SPLITS = ("train", "trusted", "test-clean", "test-poisoned")
 LOSSLESS_MAX_SIDE = 64
+MAX_IMAGE_SIZE = 1024  # px per side of a shard image: 3 MiB per decoded image, ViT-L/16 at 512 px fits easily
+# What a shard folder holds; anything else in a folder named by --overwrite is not ours to delete.
+OUTPUT_ENTRIES = {"manifest.json", "assets", "preview.png", *SPLITS}
 
 
 @dataclass
@@ -86,15 +105,151 @@ def _validate(spec: BuildSpec) -> None:
         raise ShardBuildError(f"--jpeg-quality must be in 1..100, got {spec.jpeg_quality}")
     if spec.shard_size < 1:
         raise ShardBuildError(f"--shard-size must be at least 1, got {spec.shard_size}")
-    if spec.image_size is not None and spec.image_size < 8:
-        raise ShardBuildError(f"--image-size must be at least 8, got {spec.image_size}")
+    if spec.image_size is not None and not 8 <= spec.image_size <= MAX_IMAGE_SIZE:
+        raise ShardBuildError(f"--image-size must be in 8..{MAX_IMAGE_SIZE}, got {spec.image_size}")
+    if spec.seed < 0:
+        raise ShardBuildError(f"--seed must be >= 0, got {spec.seed}")
+    if spec.workers < 0:
+        raise ShardBuildError(f"--workers must be >= 0 (0: automatic), got {spec.workers}")
     if spec.trusted_count < 0:
         raise ShardBuildError(f"--trusted-count must be >= 0, got {spec.trusted_count}")
     if spec.max_train is not None and spec.max_train < 1:
         raise ShardBuildError(f"--max-train must be at least 1, got {spec.max_train}")
+    _check_output(spec)
+
+
+def _source_paths(spec: BuildSpec) -> list[Path]:
+    """The local files or folders the sources read (none for embedded data or hub names)."""
+    return [Path(p).resolve() for p in (spec.source, spec.test_source) if p is not None and Path(p).exists()]
+
+
+def _check_output(spec: BuildSpec) -> None:
+    """Refuse an output that would destroy anything but an earlier build's shards."""
+    if not spec.out:
+        raise ShardBuildError("--out is empty; name a folder for the shards")
     out = Path(spec.out)
-    if out.exists() and any(out.iterdir()) and not spec.overwrite:
+    resolved = out.resolve()
+    for source in _source_paths(spec):
+        if resolved == source or resolved in source.parents or source in resolved.parents:
+            raise ShardBuildError(f"--out {out} is, holds or lies inside the source {source}; "
+                                  "write the shards to a folder outside the source")
+    if out.exists() and not out.is_dir():
+        raise ShardBuildError(f"--out {out} is a file; name a folder for the shards")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not spec.overwrite:
         raise ShardBuildError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    if not (out / "manifest.json").is_file():
+        raise ShardBuildError(f"--overwrite refused: {out} has no manifest.json, so `mcci shards build` did not "
+                              "write it; choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_ENTRIES)
+    if foreign:
+        raise ShardBuildError(f"--overwrite refused: {out} also holds {', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}, which a shard build did not write; "
+                              "move them away or choose another --out")
+
+
+def _hidden(out: Path, kind: str) -> str:
+    """Prefix of the hidden siblings of ``out``: ``.NAME.partial-*`` (a build in progress) and
+    ``.NAME.old-*`` (the previous output during the swap)."""
+    return f".{out.name}.{kind}-"
+
+
+@contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """Hold ``.NAME.lock`` next to ``out`` (flock: released by the kernel when the holder dies) while
+    building; a second build into the same folder is refused with the holder's pid and host."""
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ShardBuildError(f"another build is writing {out} ({holder}); wait for it to finish, "
+                                  "or choose another --out") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break  # still the file at `path`, not one a finishing holder unlinked meanwhile
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    try:
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+
+
+def _recover(out: Path) -> None:
+    """Under the lock, what an earlier build left is from a build that died: an ``old`` folder
+    whose swap never finished goes back into place (or away, if its successor is in place), and
+    ``partial`` folders are removed."""
+    for old in sorted(out.parent.glob(_hidden(out, "old") + "*")):
+        if out.exists():
+            shutil.rmtree(old)
+        else:
+            os.rename(old, out)
+    for partial in out.parent.glob(_hidden(out, "partial") + "*"):
+        shutil.rmtree(partial)
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Replace ``out`` by ``staging``: the old output moves aside first (a rename) and is deleted
+    only after the new one is in place, so every moment has one complete folder (``_recover``
+    restores the old one if the process dies between the two renames)."""
+    staging.chmod(0o755)  # mkdtemp makes it private; the finished folder is ordinary
+    if out.exists():
+        old = out.parent / f"{_hidden(out, 'old')}{os.getpid()}"  # unique: the lock is ours
+        os.rename(out, old)
+        os.rename(staging, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, out)
+
+
+# Signals received during this build. The exception a handler raises can be swallowed where Python
+# ignores exceptions (fork hooks, finalisers), so the build also checks this list as it goes.
+_SIGNALS: list[int] = []
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    _SIGNALS.append(signum)
+    raise Interrupted(signum)
+
+
+def _stop_if_signalled() -> None:
+    if _SIGNALS:
+        raise Interrupted(_SIGNALS[-1])
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Interrupted`` in the main thread, so the build removes its
+    temporary folder and stops its workers instead of dying with them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _SIGNALS.clear()
+    previous = {s: signal.signal(s, _raise_interrupted) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _pool_results(pool: Any, jobs: list) -> Iterator[dict[str, Any]]:
+    """``pool.imap`` in order, waking twice a second to honour a signal whose exception was swallowed."""
+    results = pool.imap(_write_shard, jobs)
+    for _ in jobs:
+        while True:
+            try:
+                yield results.next(timeout=0.5)
+                break
+            except mp.TimeoutError:
+                _stop_if_signalled()
 
 
 def fit_image(image: Image.Image, size: int | None) -> np.ndarray:
@@ -115,7 +270,13 @@ _STATE: dict[str, Any] = {}
 
 def _init_worker(state: dict[str, Any], in_pool: bool = False) -> None:
     _STATE.update(state)
-    if in_pool:  # attacks that run a network (ISSBA's encoder) get one thread per worker, as DataLoader workers do
+    if in_pool:
+        # Ctrl-C reaches the whole process group: the main process alone handles it and terminates
+        # the pool; SIGTERM (what terminate sends) gets its default back, ending the worker at once.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        # attacks that run a network (ISSBA's encoder) get one thread per worker, as DataLoader workers do
         import torch
         torch.set_num_threads(1)
 
@@ -124,14 +285,15 @@ def _write_shard(job: tuple[str, str, list[_SampleSpec]]) -> dict[str, Any]:
     split, path, samples = job
     source: LabelledImages = _STATE["sources"]["train" if split in ("train", "trusted") else "test"]
     attack, size, fmt, quality = _STATE["attack"], _STATE["image_size"], _STATE["format"], _STATE["jpeg_quality"]
+    resize_to = size if _STATE["resize"] else None  # without --image-size every image must already have the size
     ext = "png" if fmt == "png" else "jpg"
     tmp = path + ".tmp"
     with wds.TarWriter(tmp, encoder=False, mtime=0.0) as sink:
         for s in samples:
-            pixels = fit_image(source.load(s.ref), size)
+            pixels = fit_image(source.load(s.ref), resize_to)
             if pixels.shape != (size, size, 3):
-                raise ShardBuildError(f"image {s.ref} is {pixels.shape[1]}x{pixels.shape[0]}, not {size}x{size}; "
-                                      "pass --image-size to resize every image")
+                raise ShardBuildError(f"image {s.ref} is {pixels.shape[1]}x{pixels.shape[0]}, not {size}x{size} as "
+                                      "the first training image; pass --image-size N to resize every image to N px")
             if s.poisoned:
                 pixels = attack.apply_train(pixels, s.index) if split == "train" else attack.apply(pixels, s.index)
             elif s.cross:
@@ -219,93 +381,110 @@ def _context(spec: BuildSpec, sources: dict[str, LabelledImages], size: int, pla
 
 
 def _image_size(spec: BuildSpec, train: LabelledImages) -> int:
+    """The size policy (module docstring): --image-size, else the first training image's side."""
     if spec.image_size is not None:
         return spec.image_size
     w, h = train.load(train.refs[0]).size
     if w != h:
         raise ShardBuildError(f"images are {w}x{h}, not square; pass --image-size N to resize and centre-crop")
+    if w > MAX_IMAGE_SIZE:
+        raise ShardBuildError(f"images are {w}x{h}, above the {MAX_IMAGE_SIZE} px limit of a shard image; "
+                              "pass --image-size N (e.g. 224) to resize")
     return w
 
 
 def build_shards(spec: BuildSpec, progress: bool = True) -> dict[str, Any]:
     """Build the shards and manifest described by ``spec``; returns the manifest."""
     _validate(spec)
-    out = Path(spec.out)
+    out = Path(os.path.abspath(spec.out))  # "." and "dir/.." have no name to hide siblings under
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        sources = load_source(spec.source, spec.test_source, staging / ".extract")
-        class_names = sources["train"].class_names
-        num_classes = len(class_names)
-        if not 0 <= spec.target < num_classes:
-            raise ShardBuildError(f"--target {spec.target} is not a class: labels are 0..{num_classes - 1} "
-                                  f"({', '.join(class_names[:10])}{', ...' if num_classes > 10 else ''})")
-        size = _image_size(spec, sources["train"])
-        attack = build_attack(spec.attack, spec.attack_params, size, spec.seed)
-        if attack.clean_label and spec.mode == "all-to-all":
-            raise ShardBuildError(f"attack {spec.attack!r} is clean-label: it relabels nothing, so --mode all-to-all "
-                                  "does not apply; use --mode all-to-one")
-        fmt = spec.image_format if spec.image_format != "auto" else ("png" if size <= LOSSLESS_MAX_SIDE else "jpeg")
-        plan, chosen = _plan(spec, sources, attack)
-        attack.prepare(_context(spec, sources, size, plan, chosen, staging / "assets", progress))
+    with _build_lock(out), _stop_on_signals():
+        _recover(out)
+        _check_output(spec)  # again under the lock: a build that finished meanwhile may have written it
+        staging = Path(tempfile.mkdtemp(prefix=_hidden(out, "partial"), dir=out.parent))
+        try:
+            manifest = _build_into(spec, staging, progress)
+            _swap_into_place(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return manifest
 
-        jobs = []
-        for split in SPLITS:
-            (staging / split).mkdir()
-            samples = plan[split]
-            for k in range(0, len(samples), spec.shard_size):
-                path = str(staging / split / f"{split}-{k // spec.shard_size:06d}.tar")
-                jobs.append((split, path, samples[k:k + spec.shard_size]))
-        total = sum(len(s) for s in plan.values())
-        workers = spec.workers or (1 if total < 4000 else min(8, os.cpu_count() or 1))
-        state = {"sources": sources, "attack": attack, "image_size": size, "format": fmt,
-                 "jpeg_quality": spec.jpeg_quality}
-        results = []
-        with tqdm(total=total, unit="img", desc="writing shards", disable=not progress, smoothing=0.1) as bar:
-            if workers == 1:
-                _init_worker(state)
-                for job in jobs:
-                    results.append(_write_shard(job))
-                    bar.update(results[-1]["count"])
-            else:
-                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-                with ctx.Pool(workers, initializer=_init_worker, initargs=(state, True)) as pool:
-                    for r in pool.imap(_write_shard, jobs):
-                        results.append(r)
-                        bar.update(r["count"])
-        shutil.rmtree(staging / ".extract", ignore_errors=True)
 
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "build": {k: v for k, v in asdict(spec).items() if k not in ("out", "overwrite", "workers")},
-            "attack": attack.describe(),
-            "target": spec.target,
-            "mode": spec.mode,
-            "poison_rate": spec.poison_rate,
-            "seed": spec.seed,
-            "image_size": size,
-            "image_format": fmt,
-            "class_names": class_names,
-            "num_classes": num_classes,
-            "splits": {
-                split: {
-                    "count": len(plan[split]),
-                    "poisoned": sum(s.poisoned for s in plan[split]),
-                    "cross": sum(s.cross for s in plan[split]),
-                    "shards": [{"path": os.path.relpath(r["path"], staging), "sha256": r["sha256"], "count": r["count"],
-                                "size": r["size"]}
-                               for r in results if r["split"] == split],
-                }
-                for split in SPLITS
-            },
-            **chosen,
-        }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        staging.chmod(0o755)  # mkdtemp makes it private; the finished folder is ordinary
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-        return manifest
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def _build_into(spec: BuildSpec, staging: Path, progress: bool) -> dict[str, Any]:
+    """Write every shard and the manifest into ``staging``; returns the manifest."""
+    sources = load_source(spec.source, spec.test_source, staging / ".extract")
+    class_names = sources["train"].class_names
+    num_classes = len(class_names)
+    if not 0 <= spec.target < num_classes:
+        raise ShardBuildError(f"--target {spec.target} is not a class: labels are 0..{num_classes - 1} "
+                              f"({', '.join(class_names[:10])}{', ...' if num_classes > 10 else ''})")
+    size = _image_size(spec, sources["train"])
+    attack = build_attack(spec.attack, spec.attack_params, size, spec.seed)
+    if attack.clean_label and spec.mode == "all-to-all":
+        raise ShardBuildError(f"attack {spec.attack!r} is clean-label: it relabels nothing, so --mode all-to-all "
+                              "does not apply; use --mode all-to-one")
+    fmt = spec.image_format if spec.image_format != "auto" else ("png" if size <= LOSSLESS_MAX_SIDE else "jpeg")
+    plan, chosen = _plan(spec, sources, attack)
+    attack.prepare(_context(spec, sources, size, plan, chosen, staging / "assets", progress))
+
+    jobs = []
+    for split in SPLITS:
+        (staging / split).mkdir()
+        samples = plan[split]
+        for k in range(0, len(samples), spec.shard_size):
+            path = str(staging / split / f"{split}-{k // spec.shard_size:06d}.tar")
+            jobs.append((split, path, samples[k:k + spec.shard_size]))
+    total = sum(len(s) for s in plan.values())
+    workers = spec.workers or (1 if total < 4000 else min(8, os.cpu_count() or 1))
+    state = {"sources": sources, "attack": attack, "image_size": size, "resize": spec.image_size is not None,
+             "format": fmt, "jpeg_quality": spec.jpeg_quality}
+    results = []
+    with tqdm(total=total, unit="img", desc="writing shards", disable=not progress, smoothing=0.1) as bar:
+        if workers == 1:
+            _init_worker(state)
+            for job in jobs:
+                _stop_if_signalled()
+                results.append(_write_shard(job))
+                bar.update(results[-1]["count"])
+        else:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            # Signals wait while the workers fork (a handler raising inside fork's hooks is lost);
+            # the workers unblock them in _init_worker.
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                pool = ctx.Pool(workers, initializer=_init_worker, initargs=(state, True))
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            with pool:
+                for r in _pool_results(pool, jobs):
+                    results.append(r)
+                    bar.update(r["count"])
+    shutil.rmtree(staging / ".extract", ignore_errors=True)
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "build": {k: v for k, v in asdict(spec).items() if k not in ("out", "overwrite", "workers")},
+        "attack": attack.describe(),
+        "target": spec.target,
+        "mode": spec.mode,
+        "poison_rate": spec.poison_rate,
+        "seed": spec.seed,
+        "image_size": size,
+        "image_format": fmt,
+        "class_names": class_names,
+        "num_classes": num_classes,
+        "splits": {
+            split: {
+                "count": len(plan[split]),
+                "poisoned": sum(s.poisoned for s in plan[split]),
+                "cross": sum(s.cross for s in plan[split]),
+                "shards": [{"path": os.path.relpath(r["path"], staging), "sha256": r["sha256"], "count": r["count"],
+                            "size": r["size"]} for r in results if r["split"] == split],
+            }
+            for split in SPLITS
+        },
+        **chosen,
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest

@@ -34,10 +34,40 @@ class LabelledImages:
         return len(self.refs)
 
 
+# Pillow's modes whose samples are not 0..255, with the range their values are read in: 16-bit
+# greyscale (PNG, TIFF) opens as I;16* or, in older Pillow, as I; float images are taken as 0..1.
+_WIDE_MODE_RANGE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB. Wide greyscale (16-bit, 32-bit integer, float) is scaled from
+    its range (``_WIDE_MODE_RANGE``) to 0..255 and rounded, not clipped (Pillow's own ``convert``
+    clips, making 16-bit images white); transparency (LA, RGBA, PA, P with a transparent colour) is
+    composited over white, as a viewer shows it; CMYK, YCbCr, 1, L and palettes use Pillow's conversion."""
+    if image.mode in _WIDE_MODE_RANGE:
+        values = np.asarray(image, dtype=np.float64) * (255.0 / _WIDE_MODE_RANGE[image.mode])
+        grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), mode="RGB")
+    if image.mode in ("LA", "La", "RGBA", "RGBa", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def open_image_file(path: str) -> Image.Image:
+    """The file as 8-bit RGB; refuses unreadable files and images above Pillow's pixel limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``), checked from the header before anything is decoded."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and im.width * im.height > limit:
+                raise ShardBuildError(f"image {path} is {im.width}x{im.height} pixels, above the limit of {limit} "
+                                      "(PIL.Image.MAX_IMAGE_PIXELS, Pillow's decompression-bomb guard); "
+                                      "shrink or remove the file")
+            return to_rgb(im)
+    except ShardBuildError:
+        raise
     except Exception as e:  # PIL raises several types for corrupt files
         raise ShardBuildError(f"cannot read image {path}: {e}; remove or replace the file") from e
 
@@ -46,13 +76,18 @@ def _class_folder_split(root: Path) -> LabelledImages:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ShardBuildError(f"{root} has no class folders; expected {root}/<class>/<image> files")
-    refs, labels = [], []
+    refs, labels, empty = [], [], []
     for label, name in enumerate(classes):
         files = sorted(str(f) for f in (root / name).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         refs += files
         labels += [label] * len(files)
+        if not files:
+            empty.append(name)
     if not refs:
         raise ShardBuildError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if empty:  # a class without images would be a label the model can never learn or be tested on
+        raise ShardBuildError(f"class folder(s) {', '.join(str(root / n) for n in empty)} hold no images "
+                              f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder")
     return LabelledImages(classes, refs, np.asarray(labels, dtype=np.int64), open_image_file)
 
 
@@ -102,7 +137,7 @@ class HFImages:
         image = self._dataset()[int(index)][self.image_column]
         if not isinstance(image, Image.Image):
             image = Image.fromarray(np.asarray(image))
-        return image.convert("RGB")
+        return to_rgb(image)
 
     def __getstate__(self):
         return {"path": self.path, "split": self.split, "image_column": self.image_column, "_ds": None}
@@ -230,9 +265,12 @@ def load_source(spec: str, test_spec: str | None, scratch: Path) -> dict[str, La
                                   f"expected a {role}/ folder (or {'/'.join(TEST_SPLIT_NAMES)}/), or pass {hint}")
         if len(splits[role]) == 0:
             raise ShardBuildError(f"the {role} split of {spec} is empty")
-    if splits["train"].class_names != splits["test"].class_names:
-        raise ShardBuildError(f"train and test class names differ: {splits['train'].class_names} vs "
-                              f"{splits['test'].class_names}; they must be the same folders")
+    train_names, test_names = splits["train"].class_names, splits["test"].class_names
+    if train_names != test_names:
+        only = [f"{sorted(set(a) - set(b))} only in {role}" for a, b, role in
+                ((train_names, test_names, "train"), (test_names, train_names, "test")) if set(a) - set(b)]
+        raise ShardBuildError(f"train and test classes differ: {'; '.join(only) or 'same names in another order'}; "
+                              "give both splits the same class folders")
     for role, split in splits.items():
         bad = np.flatnonzero((split.labels < 0) | (split.labels >= len(split.class_names)))
         if len(bad):

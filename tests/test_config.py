@@ -18,7 +18,7 @@ def test_defaults_file_and_overrides_in_order(tmp_path):
     ("optimizer.lr=1", "unknown config key 'optimizer'"),
     ("train.epochs=ten", "must be an integer"),
     ("train.mixed_precision=fp8", "must be one of"),
-    ("optim.lr=-1", "must be positive"),
+    ("optim.lr=-1", "optim.lr must be > 0, got -1.0"),
     ("optim=3", "is a section"),
     ("train.epochs", "must look like"),
     ("model.ain_widths=[8]", "same length"),

@@ -151,7 +151,163 @@ def test_existing_output_needs_overwrite(image_tree, tmp_path):
     build_shards(BuildSpec(**spec), progress=False)
     with pytest.raises(ShardBuildError, match="--overwrite"):
         build_shards(BuildSpec(**spec), progress=False)
-    build_shards(BuildSpec(**spec, overwrite=True, seed=2), progress=False)
+    (tmp_path / "o" / "preview.png").write_bytes(b"png")  # what `mcci shards preview` adds is ours too
+    m = build_shards(BuildSpec(**spec, overwrite=True, seed=2), progress=False)
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["seed"] == m["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "o"]  # no lock, partial or old folder left
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("out_is_source", "is, holds or lies inside the source"),
+    ("out_holds_source", "is, holds or lies inside the source"),
+    ("out_inside_source", "is, holds or lies inside the source"),
+    ("no_manifest", "has no manifest.json"),
+    ("foreign_files", "also holds notes.txt"),
+    ("out_is_a_file", "is a file"),
+])
+def test_overwrite_replaces_only_an_earlier_build(tmp_path, layout, message):
+    root = tmp_path / "work"
+    source, out = root / "data", root / "out"
+    if layout == "out_is_source":
+        out = source
+    elif layout == "out_holds_source":
+        source = out / "data"
+    elif layout == "out_inside_source":
+        out = source / "shards"
+    make_image_tree(source, per_class=6, test_per_class=2)
+    if layout in ("no_manifest", "foreign_files"):
+        make_image_tree(out, per_class=1, test_per_class=1)  # someone's images
+        if layout == "foreign_files":
+            (out / "manifest.json").write_text("{}")
+            (out / "notes.txt").write_text("mine")
+    if layout == "out_is_a_file":
+        out.write_text("mine")
+    before = _tree_digest(root)
+    with pytest.raises(ShardBuildError, match=message):
+        build_shards(BuildSpec(source=str(source), out=str(out), trusted_count=2, overwrite=True), progress=False)
+    assert _tree_digest(root) == before  # nothing deleted, nothing added
+    assert not [p for p in root.rglob(".*")]
+
+
+def test_a_failed_rebuild_leaves_the_old_output_intact(tmp_path):
+    tree = make_image_tree(tmp_path / "data", per_class=6, test_per_class=2)
+    out = tmp_path / "out"
+    build_shards(BuildSpec(source=str(tree), out=str(out), trusted_count=2), progress=False)
+    before = _tree_digest(out)
+    (tree / "train" / "class_1" / "0003.png").write_bytes(b"not a png")  # fails midway through writing
+    with pytest.raises(ShardBuildError, match="cannot read image"):
+        build_shards(BuildSpec(source=str(tree), out=str(out), trusted_count=2, overwrite=True, seed=1),
+                     progress=False)
+    assert _tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+
+
+def test_a_second_build_into_the_same_output_is_refused_naming_the_first(image_tree, tmp_path):
+    import os
+    import socket
+
+    from shards.build import _build_lock
+
+    out = tmp_path / "out"
+    with _build_lock(out):  # what a running build holds
+        with pytest.raises(ShardBuildError, match=rf"another build is writing .*out \(pid {os.getpid()} on "
+                                                  rf"{socket.gethostname()}, since "):
+            build_shards(BuildSpec(source=str(image_tree), out=str(out), trusted_count=2), progress=False)
+    assert not out.exists()
+    build_shards(BuildSpec(source=str(image_tree), out=str(out), trusted_count=2), progress=False)  # free again
+
+
+def test_what_a_killed_build_left_is_cleaned_up_or_restored(image_tree, tmp_path):
+    out = tmp_path / "out"
+    spec = dict(source=str(image_tree), out=str(out), trusted_count=2)
+    build_shards(BuildSpec(**spec), progress=False)
+    manifest = (out / "manifest.json").read_text()
+    # killed between the two renames of the swap: the old output aside, nothing in place
+    (out).rename(tmp_path / ".out.old-999")
+    (tmp_path / ".out.partial-abc" / "train").mkdir(parents=True)  # killed while writing
+    (tmp_path / ".out.lock").write_text("pid 999 on elsewhere")  # a lock file no process holds
+    with pytest.raises(ShardBuildError, match="--overwrite"):  # the old output is back, so it needs --overwrite
+        build_shards(BuildSpec(**spec, seed=1), progress=False)
+    assert (out / "manifest.json").read_text() == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+
+
+@pytest.mark.parametrize("signum, workers", [(2, "1"), (15, "2")], ids=["SIGINT", "SIGTERM-pool"])
+def test_a_signal_stops_the_build_and_leaves_the_old_output(tmp_path, signum, workers):
+    """The build is held mid-way by a FIFO named like an image (opening it waits for a writer), then
+    signalled: it stops, removes its temporary folder and lock, and the earlier output stays."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    tree = make_image_tree(tmp_path / "data", per_class=6, test_per_class=2)
+    out = tmp_path / "out"
+    build_shards(BuildSpec(source=str(tree), out=str(out), trusted_count=2), progress=False)
+    before = _tree_digest(out)
+    os.mkfifo(tree / "train" / "class_2" / "zzzz.png")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "shards", "build", "--source", str(tree), "--out",
+                             str(out), "--trusted-count", "2", "--overwrite", "--workers", workers],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        while not list(tmp_path.glob(".out.partial-*")):  # the build has started writing
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        stderr = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (f"mcci shards: error: interrupted by {'SIGINT' if signum == 2 else 'SIGTERM'}; "
+                                               "outputs are written aside and renamed, so none is half-written")
+    assert _tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(image_size=1025), r"--image-size must be in 8..1024"),
+    (dict(seed=-1), "--seed must be >= 0"),
+    (dict(workers=-1), "--workers must be >= 0"),
+])
+def test_build_options_out_of_range(image_tree, tmp_path, change, message):
+    with pytest.raises(ShardBuildError, match=message):
+        build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "o"), **change), progress=False)
+
+
+def test_image_size_policy(tmp_path, monkeypatch):
+    import shards.build
+
+    tree = make_image_tree(tmp_path / "data", per_class=6, test_per_class=2)
+    monkeypatch.setattr(shards.build, "MAX_IMAGE_SIZE", 24)  # the 32 px images are now "too large"
+    with pytest.raises(ShardBuildError, match="32x32, above the 24 px limit .*pass --image-size"):
+        build_shards(BuildSpec(source=str(tree), out=str(tmp_path / "o1"), trusted_count=2), progress=False)
+    monkeypatch.undo()
+    Image.new("RGB", (30, 30)).save(tree / "train" / "class_1" / "0003.png")  # one image of another size
+    with pytest.raises(ShardBuildError, match="0003.png is 30x30, not 32x32 as the first training image; pass --image-size"):
+        build_shards(BuildSpec(source=str(tree), out=str(tmp_path / "o2"), trusted_count=2), progress=False)
+    m = build_shards(BuildSpec(source=str(tree), out=str(tmp_path / "o3"), trusted_count=2, image_size=16),
+                     progress=False)
+    assert m["image_size"] == 16
+
+
+def test_empty_class_folder_and_classes_missing_from_a_split_are_named(tmp_path):
+    tree = make_image_tree(tmp_path / "data", per_class=4, test_per_class=2)
+    (tree / "train" / "class_3").mkdir()
+    with pytest.raises(ShardBuildError, match=r"class folder\(s\) .*train/class_3 hold no images"):
+        build_shards(BuildSpec(source=str(tree), out=str(tmp_path / "o"), trusted_count=0), progress=False)
+    (tree / "train" / "class_3" / "0.png").write_bytes((tree / "train" / "class_0" / "0000.png").read_bytes())
+    with pytest.raises(ShardBuildError, match=r"\['class_3'\] only in train"):
+        build_shards(BuildSpec(source=str(tree), out=str(tmp_path / "o"), trusted_count=0), progress=False)
+    (tree / "test" / "class_4").mkdir()
+    (tree / "test" / "class_4" / "0.png").write_bytes((tree / "train" / "class_0" / "0000.png").read_bytes())
+    with pytest.raises(ShardBuildError, match=r"\['class_3'\] only in train; \['class_4'\] only in test"):
+        build_shards(BuildSpec(source=str(tree), out=str(tmp_path / "o"), trusted_count=0), progress=False)
 
 
 def test_embedded_digits_are_deterministic():

@@ -44,8 +44,6 @@ def check_data_for_run(cfg: Config, manifest: dict[str, Any], mixed_precision: s
     """What the config asks of the data, checked before any step is taken."""
     size = manifest["image_size"]
     accumulation = cfg.train.grad_accumulation
-    if accumulation < 1:
-        raise ConfigError(f"train.grad_accumulation must be at least 1, got {accumulation}")
     # optimiser steps end where epochs and checkpoints do, so a resume starts on a whole step
     if steps_per_epoch % accumulation or cfg.train.checkpoint_every % accumulation:
         raise ConfigError(f"train.grad_accumulation={accumulation} must divide the {steps_per_epoch} batches of an "

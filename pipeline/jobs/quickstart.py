@@ -43,5 +43,5 @@ def quickstart(out: str | Path = "runs/quickstart", epochs: int = 12) -> dict[st
     results = run_experiment(out, QUICKSTART_SHARDS, overrides=[*QUICKSTART_OVERRIDES, f"train.epochs={epochs}"])
     print(format_table(results))
     print(format_audit(results["audit"]))
-    print(f"wrote {Path(out) / 'metrics.json'} ({results['seconds']} s)")
+    print(f"metrics in {Path(out) / 'metrics.json'} (computed in {results['seconds']} s)")
     return results

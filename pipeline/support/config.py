@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,106 +21,129 @@ import yaml
 from pipeline.support.errors import ConfigError
 
 
+def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, length: int | None = None,
+            gt: float | None = None, ge: float | None = None, lt: float | None = None,
+            le: float | None = None) -> Any:
+    """A config key: its default, the one-line description `mcci train --help` prints, and what
+    ``validate`` allows (``choices``; a tuple's ``length``; bounds, applied to each item of a tuple)."""
+    rules = {k: v for k, v in dict(choices=choices, length=length, gt=gt, ge=ge, lt=lt, le=le).items() if v is not None}
+    return field(default=default, metadata={"help": help, **rules})
+
+
 @dataclass
 class AugmentConfig:
-    hflip: bool = True
-    translate: float = 0.0  # max shift as a fraction of the side (0.125 = CIFAR's pad-4 crop at 32 px)
-    # Random-resized crop as timm's RandomResizedCrop: the window's area a fraction of the image's,
-    # uniform in [scale_min, 1] (1: no crop), its width / height log-uniform in `ratio`, resampled to
-    # the image's size. Shards need room to crop: see docs/ARCHITECTURE.md, "Shard size and crops".
-    scale_min: float = 1.0
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = setting(True, "random horizontal flip")
+    translate: float = setting(0.0, "max shift as a fraction of the side (0.125 = CIFAR's pad-4 crop at 32 px)",
+                               ge=0.0, lt=0.5)
+    # timm's RandomResizedCrop: shards need room to crop (docs/ARCHITECTURE.md, "Shard size and crops")
+    scale_min: float = setting(1.0, "random-resized crop: the window's area a fraction of the image's, uniform in "
+                               "[scale_min, 1] (1: no crop)", gt=0.0, le=1.0)
+    ratio: tuple[float, float] = setting((3 / 4, 4 / 3), "random-resized crop: width/height log-uniform in this range",
+                                         gt=0.0)
 
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # folder or URL prefix holding manifest.json, written by `mcci shards build`
-    batch_size: int = 128  # per process
-    eval_batch_size: int = 256
-    num_workers: int = 2
-    shuffle_buffer: int = 2000
-    # auto: JPEG shards decode on the GPU (nvJPEG, workers only read tars) when there is one, else in
-    # the workers; workers: PIL in the loader's workers; device: torchvision on the training device
-    decode: str = "auto"
+    shards: str = setting("", "folder or URL prefix holding manifest.json, written by `mcci shards build`")
+    batch_size: int = setting(128, "training images per step, per process", ge=1)
+    eval_batch_size: int = setting(256, "images per evaluation batch", ge=1)
+    num_workers: int = setting(2, "shard-reading processes per training process (0: in the main process)", ge=0)
+    shuffle_buffer: int = setting(2000, "samples held for shuffling the stream", ge=1)
+    decode: str = setting("auto", "auto: JPEG on the GPU (nvJPEG) when there is one, else in the workers; "
+                          "workers: PIL in the loader's workers; device: torchvision on the device",
+                          choices=("auto", "workers", "device"))
     # remote shards (http(s)://, s3://, gs://; credentials from the environment): pipeline/data/storage.py
-    verify: str = "hash"  # hash: each shard's size, sample count and sha256 checked as it streams; size: no hash
-    timeout: float = 60.0  # seconds a connection may stall before it counts as failed
-    retries: int = 3  # further attempts for a shard that fails to open or breaks mid-read
-    retry_backoff: float = 1.0  # seconds before the first retry, doubled for each next one
-    skip_bad_shards: bool = False  # skip (and count) a shard that still fails instead of stopping
-    cache_dir: str = ""  # keep verified remote shards here for later epochs ("" = stream every time)
-    cache_gb: float = 10.0  # the cache's bound, least recently written shards evicted first
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    verify: str = setting("hash", "hash: each shard's size, sample count and sha256 checked as it streams; "
+                          "size: all but the hash", choices=("hash", "size"))
+    timeout: float = setting(60.0, "seconds a connection may stall before it counts as failed", gt=0.0)
+    retries: int = setting(3, "further attempts for a shard that fails to open or breaks mid-read", ge=0)
+    retry_backoff: float = setting(1.0, "seconds before the first retry, doubled for each next one", ge=0.0)
+    skip_bad_shards: bool = setting(False, "skip (and count) a shard that still fails instead of stopping")
+    cache_dir: str = setting("", "keep verified remote shards here for later epochs (\"\" = stream every time)")
+    cache_gb: float = setting(10.0, "the cache's bound; least recently written shards are evicted first", gt=0.0)
+    mean: tuple[float, float, float] = setting((0.5, 0.5, 0.5), "per-channel mean of the SFRN's input, 0..1 scale",
+                                               length=3)
+    std: tuple[float, float, float] = setting((0.5, 0.5, 0.5), "per-channel std of the SFRN's input, 0..1 scale",
+                                              length=3, gt=0.0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class ModelConfig:
-    sfrn: str = "mcci_convnet_small"  # any timm model name
-    pretrained: bool = False  # from the hub (needs the network)
-    weights_file: str | None = None  # local .safetensors/.npz/.pth, loaded through timm
-    feature_dim: int = 100  # SFRN and AIN output size before the fusion layer
-    ain_widths: tuple[int, ...] = (32, 64, 128)
-    ain_dropouts: tuple[float, ...] = (0.2, 0.3, 0.4)
+    sfrn: str = setting("mcci_convnet_small", "the SFRN: any timm model name")
+    pretrained: bool = setting(False, "load the SFRN's pretrained weights from the hub (needs the network)")
+    weights_file: str | None = setting(None, "local .safetensors/.npz/.pth SFRN weights, loaded through timm")
+    feature_dim: int = setting(100, "SFRN and AIN output size before the fusion layer", ge=1)
+    ain_widths: tuple[int, ...] = setting((32, 64, 128), "channels of the AIN's convolution blocks", ge=1)
+    ain_dropouts: tuple[float, ...] = setting((0.2, 0.3, 0.4), "dropout after each AIN block", ge=0.0, lt=1.0)
 
 
 @dataclass
 class SpectrumConfig:
-    normalisation: str = "log"  # log: sign(c)*log1p(|c|); raw: the reference's unscaled coefficients
-    backend: str = "torch"  # torch | cupy | scipy
+    normalisation: str = setting("log", "log: sign(c)*log1p(|c|); raw: the reference code's unscaled coefficients",
+                                 choices=("log", "raw"))
+    backend: str = setting("torch", "DCT implementation", choices=("torch", "cupy", "scipy"))
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam | adadelta | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine | step | constant
-    warmup_epochs: float = 0.0
-    step_epochs: tuple[int, ...] = (30, 60, 90)  # step schedule: multiply by step_gamma at these epochs
-    step_gamma: float = 0.1
-    grad_clip: float = 5.0  # max global grad norm; 0 disables
+    name: str = setting("adamw", "optimiser", choices=("adamw", "adam", "adadelta", "sgd"))
+    lr: float = setting(1e-3, "peak learning rate", gt=0.0)
+    weight_decay: float = setting(0.05, "weight decay", ge=0.0)
+    momentum: float = setting(0.9, "momentum (sgd only)", ge=0.0, lt=1.0)
+    schedule: str = setting("cosine", "learning-rate schedule after warm-up", choices=("cosine", "step", "constant"))
+    warmup_epochs: float = setting(0.0, "linear warm-up length in epochs", ge=0.0)
+    step_epochs: tuple[int, ...] = setting((30, 60, 90), "step schedule: multiply by step_gamma at these epochs", ge=1)
+    step_gamma: float = setting(0.1, "step schedule's factor", gt=0.0, le=1.0)
+    grad_clip: float = setting(5.0, "max global gradient norm; 0 disables", ge=0.0)
     # fine-tuning a pre-trained SFRN
-    layer_decay: float = 1.0  # < 1: timm's layer-wise LR decay over the SFRN's blocks (e.g. 0.65 for ViT-B); 1 = off
-    head_lr_scale: float = 1.0  # LR multiplier for what is new at fine-tuning: the SFRN's classifier, AIN, fusion head
-    probe_epochs: float = 0.0  # a linear probe first: only the new parameters learn; the body's warmup starts after
-    label_smoothing: float = 0.0
+    layer_decay: float = setting(1.0, "< 1: timm's layer-wise LR decay over the SFRN's blocks (e.g. 0.65 for ViT-B); "
+                                 "1 = off", gt=0.0, le=1.0)
+    head_lr_scale: float = setting(1.0, "LR multiplier for what is new at fine-tuning: the SFRN's classifier, the AIN, "
+                                   "the fusion head", gt=0.0)
+    probe_epochs: float = setting(0.0, "a linear probe first: only the new parameters learn; the body's warm-up "
+                                  "starts after it", ge=0.0)
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", ge=0.0, lt=1.0)
 
 
 @dataclass
 class ReferenceConfig:
-    kind: str = "feature"  # feature: mean AIN output; spectrum: AIN output of the mean spectrum
-    source: str = "trusted"  # a shard split: trusted | train | test-clean
-    count: int = 100  # images averaged; 1 = a single image
+    kind: str = setting("feature", "feature: mean AIN output; spectrum: AIN output of the mean spectrum",
+                        choices=("feature", "spectrum"))
+    source: str = setting("trusted", "the shard split the reference images come from",
+                          choices=("trusted", "train", "test-clean"))
+    count: int = setting(100, "images averaged for the reference; 1 = a single image", ge=1)
 
 
 @dataclass
 class TrainConfig:
-    defense: str = "mcci"  # mcci | none (the undefended baseline: the SFRN alone)
-    epochs: int = 10
-    # auto: the launcher's (accelerate launch --mixed_precision), else no; an explicit value wins over the launcher
-    mixed_precision: str = "auto"  # auto | no | fp16 | bf16
-    seed: int = 0
-    out: str = "runs/default"
-    log_every: int = 50  # steps
-    checkpoint_every: int = 0  # steps; 0 = at the end of each epoch only
-    keep_checkpoints: int = 2
-    resume: bool = False  # continue from the newest complete checkpoint in out/checkpoints
-    cpu: bool = False  # force the CPU even when a GPU is present
-    compile: str = "no"  # no | inductor (torch.compile of the SFRN+AIN model) | aot_eager | eager (debugging)
-    channels_last: bool = False  # NHWC model and inputs: faster convolutions (AIN, CNN SFRNs) on tensor cores
-    # an MCCI training variant that pushes what the AIN explains out of the SFRN (docs/VARIANTS.md):
-    # none | independence (HSIC, ReBias) | lff (Learning from Failure weighting); weight of its term
-    mcci_variant: str = "none"
-    mcci_variant_weight: float = 1.0
-    # micro-batches per optimiser step (Accelerate's accumulate): the effective batch is data.batch_size x this x processes
-    grad_accumulation: int = 1
-    freeze_bn_stats: bool = False  # keep a pre-trained SFRN's BatchNorm running statistics (its layers stay in eval mode)
-    ema_decay: float = 0.0  # > 0: an EMA of the weights (timm's ModelEmaV3), validated beside them and saved as the model
-    eval_every: int = 1  # epochs between validations (CA/ASR/RA on the test splits, val_log.jsonl); 0 = off
-    trackers: tuple[str, ...] = ("auto",)  # Accelerate trackers: auto (tensorboard when installed), tensorboard, wandb, mlflow, none
+    defense: str = setting("mcci", "mcci, or none: the undefended baseline (the SFRN alone)", choices=("mcci", "none"))
+    epochs: int = setting(10, "passes over the training split", ge=1)
+    mixed_precision: str = setting("auto", "autocast precision; auto: the launcher's (accelerate launch "
+                                   "--mixed_precision), else no; an explicit value wins over the launcher",
+                                   choices=("auto", "no", "fp16", "bf16"))
+    seed: int = setting(0, "seed of the model, the stream order and the augmentation", ge=0)
+    out: str = setting("runs/default", "run folder: model/, checkpoints/, train_log.jsonl")
+    log_every: int = setting(50, "steps between train_log.jsonl lines", ge=1)
+    checkpoint_every: int = setting(0, "steps between checkpoints; 0 = at the end of each epoch only", ge=0)
+    keep_checkpoints: int = setting(2, "newest checkpoints kept; 0 keeps every one", ge=0)
+    resume: bool = setting(False, "continue from the newest complete checkpoint in out/checkpoints")
+    cpu: bool = setting(False, "force the CPU even when a GPU is present")
+    compile: str = setting("no", "torch.compile of the SFRN+AIN model (aot_eager, eager: debugging)",
+                           choices=("no", "inductor", "aot_eager", "eager"))
+    channels_last: bool = setting(False, "NHWC model and inputs: faster convolutions (AIN, CNN SFRNs) on tensor cores")
+    mcci_variant: str = setting("none", "an MCCI variant that pushes what the AIN explains out of the SFRN "
+                                "(docs/VARIANTS.md)", choices=("none", "independence", "lff"))
+    mcci_variant_weight: float = setting(1.0, "weight of the variant's loss term", ge=0.0)
+    grad_accumulation: int = setting(1, "micro-batches per optimiser step (Accelerate's accumulate); the effective "
+                                     "batch is data.batch_size x this x processes", ge=1)
+    freeze_bn_stats: bool = setting(False, "keep a pre-trained SFRN's BatchNorm running statistics (eval mode)")
+    ema_decay: float = setting(0.0, "> 0: an EMA of the weights (timm's ModelEmaV3), validated beside them, "
+                               "checkpointed and saved as the model", ge=0.0, lt=1.0)
+    eval_every: int = setting(1, "epochs between validations (CA/ASR/RA on the test splits, val_log.jsonl); 0 = off",
+                              ge=0)
+    trackers: tuple[str, ...] = setting(("auto",), "Accelerate trackers: auto (TensorBoard when installed), "
+                                        "tensorboard, wandb, mlflow, none")
 
 
 @dataclass
@@ -132,22 +156,43 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-CHOICES = {
-    "spectrum.normalisation": ("log", "raw"),
-    "spectrum.backend": ("torch", "cupy", "scipy"),
-    "optim.name": ("adamw", "adam", "adadelta", "sgd"),
-    "optim.schedule": ("cosine", "step", "constant"),
-    "reference.kind": ("feature", "spectrum"),
-    "reference.source": ("trusted", "train", "test-clean"),
-    "train.defense": ("mcci", "none"),
-    "train.mcci_variant": ("none", "independence", "lff"),
-    "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
-    "train.compile": ("no", "inductor", "aot_eager", "eager"),
-    "data.decode": ("auto", "workers", "device"),
-    "data.verify": ("hash", "size"),
-}
-POSITIVE = ("data.batch_size", "data.eval_batch_size", "train.epochs", "optim.lr", "reference.count",
-            "model.feature_dim", "data.shuffle_buffer", "data.timeout", "data.cache_gb")
+def keys(section: Any = None, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """Every config key as (dotted name, its field, its value in ``section``), depth first; the
+    defaults when ``section`` is None."""
+    section = Config() if section is None else section
+    out = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            out += keys(value, f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", f, value))
+    return out
+
+
+def _bounds(f: dataclasses.Field) -> str:
+    """The key's bounds in words, e.g. ">= 0 and < 0.5"."""
+    ops = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+    return " and ".join(f"{op} {f.metadata[name]:g}" for name, op in ops if name in f.metadata)
+
+
+def _rules(f: dataclasses.Field) -> str:
+    m = f.metadata
+    parts = [" | ".join(m["choices"])] if "choices" in m else []
+    parts += [f"{m['length']} values"] if "length" in m else []
+    parts += [_bounds(f)] if _bounds(f) else []
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def describe_keys() -> str:
+    """The text `mcci train --help` ends with: every key, its default, what it does and allows."""
+    def shown(value: Any) -> str:
+        return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True,
+                              width=1000).strip().removesuffix("\n...").strip()
+    lines = ["config keys (set in the YAML file or as section.key=value; default first):"]
+    for name, f, default in keys():
+        lines.append(f"  {name} = {shown(default)}\n      {f.metadata['help']}{_rules(f)}")
+    return "\n".join(lines)
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
@@ -224,29 +269,43 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=3e-4)")
     key, raw = text.split("=", 1)
-    return _nest(key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({' '.join(str(e).split())}); "
+                          "quote text, write lists as [1, 2]") from e
+    return _nest(key.strip(), value)
+
+
+def _check(key: str, f: dataclasses.Field, value: Any) -> None:
+    m = f.metadata
+    shown = list(value) if isinstance(value, tuple) else value
+    if "choices" in m and value not in m["choices"]:
+        raise ConfigError(f"{key} must be one of {m['choices']}, got {value!r}")
+    if "length" in m and len(value) != m["length"]:
+        raise ConfigError(f"{key} must have {m['length']} values (one per RGB channel), got {len(value)}: {list(value)}")
+    for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{key} must be a finite number, got {shown!r}")
+        if isinstance(item, (int, float)) and not isinstance(item, bool) and (
+                ("gt" in m and not item > m["gt"]) or ("ge" in m and not item >= m["ge"])
+                or ("lt" in m and not item < m["lt"]) or ("le" in m and not item <= m["le"])):
+            raise ConfigError(f"{key} must be {_bounds(f)}{' (each value)' if isinstance(value, tuple) else ''}, "
+                              f"got {shown!r}")
 
 
 def validate(cfg: Config) -> None:
-    for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
-    for key in POSITIVE:
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(getattr(cfg, section), name)}")
+    """Every key against its rules (``setting``), then what involves several keys or the file system."""
+    for key, f, value in keys(cfg):
+        _check(key, f, value)
     if len(cfg.model.ain_widths) != len(cfg.model.ain_dropouts):
         raise ConfigError("model.ain_widths and model.ain_dropouts must have the same length")
-    if not 0.0 < cfg.data.augment.scale_min <= 1.0:
-        raise ConfigError(f"data.augment.scale_min must be in (0, 1], got {cfg.data.augment.scale_min}")
-    if cfg.data.retries < 0 or cfg.data.retry_backoff < 0:
-        raise ConfigError("data.retries and data.retry_backoff must be 0 or more")
-    if not 0.0 < cfg.data.augment.ratio[0] <= cfg.data.augment.ratio[1]:
-        raise ConfigError(f"data.augment.ratio must be (low, high) with 0 < low <= high, got {cfg.data.augment.ratio}")
-    if not 0.0 <= cfg.data.augment.translate < 0.5:
-        raise ConfigError(f"data.augment.translate must be in [0, 0.5), got {cfg.data.augment.translate}")
+    for key in ("train.out", "data.shards"):
+        path = Path(getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
+        if str(path) and path.is_file():
+            raise ConfigError(f"{key}={path} is a file; name a folder")
+    if not cfg.data.augment.ratio[0] <= cfg.data.augment.ratio[1]:
+        raise ConfigError(f"data.augment.ratio must be (low, high) with low <= high, got {list(cfg.data.augment.ratio)}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -255,8 +314,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
-        data = yaml.safe_load(path.read_text()) or {}
+            state = "is a folder" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {path} {state}; give a YAML file (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read {path} as YAML: {' '.join(str(e).split())}; fix the file") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (data, model, train, ...)")
         _apply(cfg, data)
