@@ -124,6 +124,10 @@ def _eval(args: argparse.Namespace) -> None:
         return
     if baseline is not None:
         add_der(results, baseline)
+    data = results["data"]
+    if data["trained_on"] and data["shards"] != data["trained_on"]:
+        print(f"note: {args.shards} is another build (data fingerprint {data['shards']}) than the model was trained on "
+              f"({data['trained_on']}), with the same classes")
     print(format_table(results))
     if args.out:
         write_json(args.out, results)

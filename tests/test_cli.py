@@ -166,3 +166,35 @@ def test_compile_device_decode_and_channels_last_compute_the_same_steps(tiny_sha
               "--device", "cpu", "--out", str(tmp_path / f"{name}.json")])
     fast, plain_metrics = (json.loads((tmp_path / f"{n}.json").read_text())["mcci"] for n in ("fast", "plain"))
     assert fast == plain_metrics
+
+
+def test_models_record_their_data_and_jobs_check_it(trained, tiny_shards, tmp_path):
+    """The fingerprint of the training shards travels with the model: the audit refuses other data,
+    eval names it, and shards of other classes are refused by both."""
+    from conftest import make_image_tree
+    from pipeline.data.manifest import fingerprint, load_manifest
+
+    meta = json.loads((trained / "mcci" / "model" / "model.json").read_text())
+    assert meta["data_fingerprint"] == fingerprint(load_manifest(str(tiny_shards)))
+    make_image_tree(tmp_path / "d", classes=3, per_class=8)
+    mcci("shards", "build", "--source", str(tmp_path / "d"), "--out", str(tmp_path / "other"), "--trusted-count", "2",
+         "--attack", "blended")
+    r = mcci("audit", "--checkpoint", str(trained / "mcci"), "--shards", str(tmp_path / "other"), "--out",
+             str(tmp_path / "a"), "--device", "cpu", check=False)
+    assert r.returncode == 2 and "is not the data the model was trained on" in r.stderr
+    r = mcci("eval", "--checkpoint", str(trained / "mcci"), "--shards", str(tmp_path / "other"), "--device", "cpu",
+             "--num-workers", "0", "--out", str(tmp_path / "m.json"))
+    assert "is another build" in r.stdout
+    data = json.loads((tmp_path / "m.json").read_text())["data"]
+    assert data["trained_on"] == meta["data_fingerprint"] != data["shards"]
+    renamed = json.loads((tmp_path / "other" / "manifest.json").read_text())
+    renamed["class_names"] = ["a", "b", "c"]
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps(renamed))
+    r = mcci("eval", "--checkpoint", str(trained / "mcci"), "--shards", str(tmp_path / "other"), "--device", "cpu",
+             check=False)
+    assert r.returncode == 2 and "another data set" in r.stderr
+    renamed["num_classes"] = 4
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps(renamed))
+    r = mcci("eval", "--checkpoint", str(trained / "mcci"), "--shards", str(tmp_path / "other"), "--device", "cpu",
+             check=False)
+    assert r.returncode == 2 and "says num_classes 4 but names 3 classes" in r.stderr

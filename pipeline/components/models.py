@@ -10,7 +10,7 @@ from accelerate import PartialState
 from torch import nn
 
 from mcci_models import create_model_from_config, load_saved_model
-from pipeline.data.manifest import load_manifest
+from pipeline.data.manifest import fingerprint, load_manifest
 from pipeline.data.transforms import InputTransform
 from pipeline.support.config import Config, from_dict, to_dict
 from pipeline.support.errors import JobError
@@ -36,7 +36,7 @@ def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
     return {"defense": cfg.train.defense, "class_names": manifest["class_names"],
             "num_classes": manifest["num_classes"], "image_size": manifest["image_size"],
             "target": manifest["target"], "mode": manifest.get("mode", "all-to-one"),
-            "attack": manifest["attack"]["name"], "reference": None}
+            "attack": manifest["attack"]["name"], "data_fingerprint": fingerprint(manifest), "reference": None}
 
 
 def load_trained(checkpoint: str | Path, device: torch.device) -> tuple[nn.Module, Config, dict[str, Any]]:
@@ -45,12 +45,20 @@ def load_trained(checkpoint: str | Path, device: torch.device) -> tuple[nn.Modul
     return model, from_dict(config), meta
 
 
-def load_matching_manifest(shards: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """The shard folder's manifest, if its classes and image size are the model's."""
+def load_matching_manifest(shards: str, meta: dict[str, Any], same_data: bool = False) -> dict[str, Any]:
+    """The shard folder's manifest, if its classes (names, in order) and image size are the model's;
+    ``same_data``: and it is the very data set the model was trained on (its fingerprint)."""
     manifest = load_manifest(shards)
     if manifest["num_classes"] != meta["num_classes"] or manifest["image_size"] != meta["image_size"]:
         raise JobError(f"{shards} has {manifest['num_classes']} classes at {manifest['image_size']} px; the model "
                        f"expects {meta['num_classes']} at {meta['image_size']} px")
+    if manifest["class_names"] != meta["class_names"]:
+        raise JobError(f"{shards} names its classes {manifest['class_names'][:5]}..., the model "
+                       f"{meta['class_names'][:5]}...: another data set; evaluate on shards of the model's classes")
+    trained_on = meta.get("data_fingerprint")  # absent in models saved before fingerprints
+    if same_data and trained_on and fingerprint(manifest) != trained_on:
+        raise JobError(f"{shards} (data fingerprint {fingerprint(manifest)}) is not the data the model was trained on "
+                       f"({trained_on}); give the shard folder it was trained on")
     return manifest
 
 

@@ -26,6 +26,10 @@ def load_manifest(location: str, stream: StreamOptions = DEFAULT_STREAM) -> dict
     if manifest.get("format_version") != SUPPORTED_FORMAT:
         raise ShardError(f"{url} has format_version {manifest.get('format_version')}, this mcci reads "
                          f"{SUPPORTED_FORMAT}; rebuild the shards with this version")
+    names = manifest.get("class_names", [])
+    if manifest.get("num_classes") != len(names):  # an edited manifest would build a model of the wrong width
+        raise ShardError(f"{url} says num_classes {manifest.get('num_classes')} but names {len(names)} classes; the "
+                         "manifest was edited or damaged: rebuild the shards with `mcci shards build`")
     return manifest
 
 

@@ -117,7 +117,7 @@ def audit(checkpoint: str | Path, shards: str, out: str | Path, split: str = "tr
     if not isinstance(model, MCCI):
         raise JobError(f"{checkpoint} is an undefended model (train.defense={cfg.train.defense}); the audit needs "
                         "an MCCI model, whose AIN is what separates poisoned samples")
-    manifest = load_matching_manifest(shards, meta)
+    manifest = load_matching_manifest(shards, meta, same_data=True)  # the audit is of the training set
     if split not in manifest["splits"]:
         raise JobError(f"{shards} has no split {split!r}; splits: {sorted(manifest['splits'])}")
     rows = score_samples(model, shards, manifest, split, build_transform(cfg), dev, batch_size, num_workers,

@@ -10,6 +10,7 @@ from accelerate.utils import reduce
 from mcci_models import MCCI
 from pipeline.components.evaluation import evaluate, set_model_reference
 from pipeline.components.models import build_transform, job_device, load_matching_manifest, load_trained
+from pipeline.data.manifest import fingerprint
 from pipeline.data.storage import StreamOptions
 from pipeline.support.errors import JobError
 
@@ -42,9 +43,11 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[st
         return evaluate(model, shards, manifest, transform, dev, batch_size, num_workers, modes=modes,
                         reduce=lambda t: reduce(t, "sum"), stream=stream)
 
+    # which data the figures are of: another build of the same classes (another attack, say) is allowed
+    data = {"shards": fingerprint(manifest), "trained_on": meta.get("data_fingerprint")}
     if not isinstance(model, MCCI):
-        return {"baseline": run()}
-    results: dict[str, Any] = {"mcci": run(), "reference": meta["reference"]}
+        return {"baseline": run(), "data": data}
+    results: dict[str, Any] = {"mcci": run(), "reference": meta["reference"], "data": data}
     stored = (model.reference_feature.clone(), model.reference_spectrum.clone())
     alternatives = {}
     for text in references:
