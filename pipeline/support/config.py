@@ -37,16 +37,17 @@ class DataConfig:
     # auto: JPEG shards decode on the GPU (nvJPEG, workers only read tars) when there is one, else in
     # the workers; workers: PIL in the loader's workers; device: torchvision on the training device
     decode: str = "auto"
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # unset: the SFRN's pretrained input (timm's resolve_model_data_config), filled in when the model is built
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None  # unset: as mean
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class ModelConfig:
     sfrn: str = "mcci_convnet_small"  # any timm model name
-    pretrained: bool = False  # from the hub (needs the network)
-    weights_file: str | None = None  # local .safetensors/.npz/.pth, loaded through timm
+    # none | hub (timm's hub loading, needs the network) | a weights file (.safetensors, .pth): loaded, then checked
+    pretrained: str = "none"
     feature_dim: int = 100  # SFRN and AIN output size before the fusion layer
     ain_widths: tuple[int, ...] = (32, 64, 128)
     ain_dropouts: tuple[float, ...] = (0.2, 0.3, 0.4)
@@ -207,6 +208,8 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(getattr(cfg, section), name)}")
+    if cfg.model.pretrained in ("yes", "no"):  # a YAML true/false: the key was a bool before it named a source
+        raise ConfigError("model.pretrained takes none, hub or a weights file path (true is now hub, false none)")
     if len(cfg.model.ain_widths) != len(cfg.model.ain_dropouts):
         raise ConfigError("model.ain_widths and model.ain_dropouts must have the same length")
     if not 0.0 < cfg.data.augment.scale_min <= 1.0:
