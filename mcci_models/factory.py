@@ -1,6 +1,8 @@
 """One way to build every network this project trains."""
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 from mcci_models.ain import AttackIndicationNetwork
@@ -10,17 +12,18 @@ from mcci_models.sfrn import create_sfrn
 DEFENSES = ("mcci", "none")
 
 
-def create_model(defense: str, sfrn: str, num_classes: int, img_size: int, *, pretrained: bool = False,
-                 weights_file: str | None = None, feature_dim: int = 100,
-                 ain_widths: tuple[int, ...] = (32, 64, 128), ain_dropouts: tuple[float, ...] = (0.2, 0.3, 0.4),
-                 in_chans: int = 3) -> nn.Module:
-    """``defense="mcci"``: SFRN + AIN + fusion; ``"none"``: the SFRN alone with a K-way head."""
+def create_model(defense: str, sfrn: str, num_classes: int, img_size: int, *, pretrained: str = "none",
+                 feature_dim: int = 100, ain_widths: tuple[int, ...] = (32, 64, 128),
+                 ain_dropouts: tuple[float, ...] = (0.2, 0.3, 0.4), in_chans: int = 3,
+                 log: Callable[[str], None] = print) -> nn.Module:
+    """``defense="mcci"``: SFRN + AIN + fusion; ``"none"``: the SFRN alone with a K-way head.
+    ``pretrained`` and ``log``: as in ``create_sfrn``."""
     if defense == "none":
-        return create_sfrn(sfrn, num_classes, img_size, pretrained, weights_file)
+        return create_sfrn(sfrn, num_classes, img_size, pretrained, log)
     if defense != "mcci":
         raise ValueError(f"unknown defense {defense!r}; choose one of {DEFENSES}")
     return MCCI(
-        sfrn=create_sfrn(sfrn, feature_dim, img_size, pretrained, weights_file),
+        sfrn=create_sfrn(sfrn, feature_dim, img_size, pretrained, log),
         ain=AttackIndicationNetwork(img_size, in_chans, feature_dim, tuple(ain_widths), tuple(ain_dropouts)),
         num_classes=num_classes,
         feature_dim=feature_dim,

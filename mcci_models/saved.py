@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import yaml
@@ -42,10 +42,20 @@ def model_folder(directory: str | Path) -> Path:
     return d
 
 
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config in today's keys: models saved before ``model.pretrained`` named its source
+    (``pretrained: bool`` plus ``weights_file``) still load."""
+    m = config["model"]
+    if "weights_file" in m:
+        weights_file = m.pop("weights_file")
+        m["pretrained"] = weights_file or ("hub" if m["pretrained"] is True else "none")
+    return config
+
+
 def read_saved_model(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-    """(config as a plain mapping, metadata, weights) of a saved model."""
+    """(config as a plain mapping in today's keys, metadata, weights) of a saved model."""
     d = model_folder(directory)
-    config = yaml.safe_load((d / CONFIG).read_text())
+    config = upgrade_config(yaml.safe_load((d / CONFIG).read_text()))
     meta = json.loads((d / MODEL_META).read_text())
     try:
         weights = load_file(str(d / WEIGHTS))
@@ -55,14 +65,13 @@ def read_saved_model(directory: str | Path) -> tuple[dict[str, Any], dict[str, A
 
 
 def create_model_from_config(config: Mapping[str, Any], num_classes: int, image_size: int,
-                             load_pretrained: bool = True) -> nn.Module:
+                             load_pretrained: bool = True, log: Callable[[str], None] = print) -> nn.Module:
     """The network a job config describes (its ``model`` section and ``train.defense``);
     ``load_pretrained=False`` for one whose weights come from a saved model."""
     m = config["model"]
     return create_model(config["train"]["defense"], m["sfrn"], num_classes, image_size,
-                        pretrained=bool(m["pretrained"]) and load_pretrained,
-                        weights_file=m["weights_file"] if load_pretrained else None, feature_dim=m["feature_dim"],
-                        ain_widths=tuple(m["ain_widths"]), ain_dropouts=tuple(m["ain_dropouts"]))
+                        pretrained=m["pretrained"] if load_pretrained else "none", feature_dim=m["feature_dim"],
+                        ain_widths=tuple(m["ain_widths"]), ain_dropouts=tuple(m["ain_dropouts"]), log=log)
 
 
 def load_saved_model(directory: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:

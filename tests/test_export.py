@@ -52,7 +52,7 @@ def test_export_predicts_what_mcci_predict_predicts(trained, tmp_path):
 
 
 def test_a_vit_sfrn_folds_exactly(tmp_path):
-    cfg = load_config(None, ["model.sfrn=vit_tiny_patch16_224", "model.pretrained=false", "model.feature_dim=16",
+    cfg = load_config(None, ["model.sfrn=vit_tiny_patch16_224", "model.pretrained=none", "model.feature_dim=16",
                              "model.ain_widths=[4,4,4]"])
     model = build_model(cfg, 3, 32, load_pretrained=False).eval()
     model.set_reference("feature", torch.rand(4, 3, 32, 32))

@@ -46,7 +46,7 @@ def test_mind_control_uses_the_stored_reference():
 def test_local_weights_file_loads_through_timm(tmp_path):
     source = timm.create_model("resnet18", num_classes=1000)
     save_file(source.state_dict(), str(tmp_path / "resnet18.safetensors"))
-    model = create_sfrn("resnet18", 100, 32, weights_file=str(tmp_path / "resnet18.safetensors"))
+    model = create_sfrn("resnet18", 100, 32, str(tmp_path / "resnet18.safetensors"))
     torch.testing.assert_close(model.conv1.weight, source.conv1.weight)
     assert model.fc.out_features == 100  # head replaced for the new output size
 
@@ -63,7 +63,7 @@ def test_a_weights_file_that_needs_code_to_unpickle_is_refused_unrun(tmp_path, m
     state = timm.create_model("resnet18", num_classes=10).state_dict()
     torch.save({**state, "payload": _RunsCode()}, tmp_path / "weights.pth")
     with pytest.raises(ModelError, match="cannot be loaded into resnet18.*save the weights as .safetensors"):
-        create_sfrn("resnet18", 10, 32, weights_file=str(tmp_path / "weights.pth"))
+        create_sfrn("resnet18", 10, 32, str(tmp_path / "weights.pth"))
     assert not (tmp_path / "ran-from-a-pickle").exists()
 
 
@@ -71,6 +71,8 @@ def test_bad_model_inputs():
     with pytest.raises(ModelError, match="unknown timm model 'resnet81'; similar names: .*'resnet18'"):
         create_sfrn("resnet81", 10, 32)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        create_sfrn("resnet18", 10, 32, weights_file="/nonexistent.safetensors")
-    with pytest.raises(ValueError, match="no pretrained weights"):
-        create_sfrn("mcci_convnet_tiny", 10, 32, True)  # refused before any download
+        create_sfrn("resnet18", 10, 32, "/nonexistent.safetensors")
+    with pytest.raises(ModelError, match="must end in one of"):
+        create_sfrn("resnet18", 10, 32, __file__)
+    with pytest.raises(ModelError, match="no pretrained weights"):
+        create_sfrn("mcci_convnet_tiny", 10, 32, "hub")  # refused before any download

@@ -9,34 +9,49 @@ import torch
 from accelerate import PartialState
 from torch import nn
 
-from mcci_models import create_model_from_config, load_saved_model
+from mcci_models import create_model_from_config, load_saved_model, sfrn_data_config
 from pipeline.data.manifest import fingerprint, load_manifest
 from pipeline.data.transforms import InputTransform
 from pipeline.support.config import Config, from_dict, to_dict
 from pipeline.support.errors import JobError
 
 
+def fill_input_stats(cfg: Config) -> None:
+    """Set the ``data.mean``/``data.std`` the user left unset, in place, to what the SFRN's pretrained
+    weights expect (timm's ``resolve_model_data_config``), so the transform, the saved config and
+    an export all use the same figures."""
+    if cfg.data.mean is None or cfg.data.std is None:
+        data = sfrn_data_config(cfg.model.sfrn)
+        cfg.data.mean = cfg.data.mean or tuple(data["mean"])
+        cfg.data.std = cfg.data.std or tuple(data["std"])
+
+
 def build_model(cfg: Config, num_classes: int, image_size: int, load_pretrained: bool = True) -> nn.Module:
     """The network the config describes; ``load_pretrained=False`` for one whose weights come from
-    a saved model (no hub download, no weights file)."""
-    return create_model_from_config(to_dict(cfg), num_classes, image_size, load_pretrained)
+    a saved model (no hub download, no weights file). Fills unset input statistics (``fill_input_stats``)."""
+    fill_input_stats(cfg)
+    return create_model_from_config(to_dict(cfg), num_classes, image_size, load_pretrained,
+                                    log=PartialState().print)  # what was loaded, once per job
 
 
 def build_transform(cfg: Config, seed: int = 0, spectra: bool = True,
                     device: torch.device | str = "cpu") -> InputTransform:
     """``spectra=False`` for jobs that only run mind control, which never reads an input's spectrum;
     ``device``: where training batches will be, for the augmentation's random numbers."""
+    fill_input_stats(cfg)
     return InputTransform(cfg.data.mean, cfg.data.std, cfg.data.augment, cfg.spectrum.normalisation,
                           cfg.spectrum.backend, with_spectra=spectra and cfg.train.defense == "mcci", seed=seed,
                           channels_last=cfg.train.channels_last, device=device)
 
 
 def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What ``model.json`` records beside the weights."""
+    """What ``model.json`` records beside the weights; ``sfrn_input`` is the preprocessing the SFRN's
+    pretrained config names (interpolation, crop): shards are resized when built, not by it."""
     return {"defense": cfg.train.defense, "class_names": manifest["class_names"],
             "num_classes": manifest["num_classes"], "image_size": manifest["image_size"],
             "target": manifest["target"], "mode": manifest.get("mode", "all-to-one"),
-            "attack": manifest["attack"]["name"], "data_fingerprint": fingerprint(manifest), "reference": None}
+            "attack": manifest["attack"]["name"], "data_fingerprint": fingerprint(manifest), "reference": None,
+            "sfrn_input": sfrn_data_config(cfg.model.sfrn)}
 
 
 def load_trained(checkpoint: str | Path, device: torch.device) -> tuple[nn.Module, Config, dict[str, Any]]:

@@ -61,18 +61,19 @@ class DataConfig:
     skip_bad_shards: bool = setting(False, "skip (and count) a shard that still fails instead of stopping")
     cache_dir: str = setting("", "keep verified remote shards here for later epochs (\"\" = stream every time)")
     cache_gb: float = setting(10.0, "the cache's bound; least recently written shards are evicted first", gt=0.0)
-    mean: tuple[float, float, float] = setting((0.5, 0.5, 0.5), "per-channel mean of the SFRN's input, 0..1 scale",
-                                               length=3)
-    std: tuple[float, float, float] = setting((0.5, 0.5, 0.5), "per-channel std of the SFRN's input, 0..1 scale",
-                                              length=3, gt=0.0)
+    # unset: the SFRN's pretrained input (timm's resolve_model_data_config), filled in when the model is built
+    mean: tuple[float, float, float] | None = setting(None, "per-channel mean of the SFRN's input, 0..1 scale "
+                                                      "(unset: the SFRN's pretrained config)", length=3)
+    std: tuple[float, float, float] | None = setting(None, "per-channel std of the SFRN's input, 0..1 scale "
+                                                     "(unset: the SFRN's pretrained config)", length=3, gt=0.0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class ModelConfig:
     sfrn: str = setting("mcci_convnet_small", "the SFRN: any timm model name")
-    pretrained: bool = setting(False, "load the SFRN's pretrained weights from the hub (needs the network)")
-    weights_file: str | None = setting(None, "local .safetensors/.npz/.pth SFRN weights, loaded through timm")
+    pretrained: str = setting("none", "none | hub (timm's hub loading, needs the network) | a weights file "
+                              "(.safetensors, .pth): loaded, then checked tensor by tensor")
     feature_dim: int = setting(100, "SFRN and AIN output size before the fusion layer", ge=1)
     ain_widths: tuple[int, ...] = setting((32, 64, 128), "channels of the AIN's convolution blocks", ge=1)
     ain_dropouts: tuple[float, ...] = setting((0.2, 0.3, 0.4), "dropout after each AIN block", ge=0.0, lt=1.0)
@@ -278,6 +279,8 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def _check(key: str, f: dataclasses.Field, value: Any) -> None:
+    if value is None:  # an optional key left unset
+        return
     m = f.metadata
     shown = list(value) if isinstance(value, tuple) else value
     if "choices" in m and value not in m["choices"]:
@@ -298,6 +301,8 @@ def validate(cfg: Config) -> None:
     """Every key against its rules (``setting``), then what involves several keys or the file system."""
     for key, f, value in keys(cfg):
         _check(key, f, value)
+    if cfg.model.pretrained in ("yes", "no"):  # a YAML true/false: the key was a bool before it named a source
+        raise ConfigError("model.pretrained takes none, hub or a weights file path (true is now hub, false none)")
     if len(cfg.model.ain_widths) != len(cfg.model.ain_dropouts):
         raise ConfigError("model.ain_widths and model.ain_dropouts must have the same length")
     for key in ("train.out", "data.shards"):
