@@ -50,3 +50,11 @@ def test_shipped_configs_load():
 
     for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_a_config_saved_by_an_earlier_version_loads_in_todays_keys(tmp_path):
+    old = tmp_path / "config.yaml"  # as `mcci train` saved it before model.pretrained named its source
+    old.write_text("model:\n  sfrn: mcci_convnet_tiny\n  pretrained: false\n  weights_file: null\n")
+    assert load_config(old).model.pretrained == "none"
+    old.write_text("model:\n  pretrained: true\n  weights_file: /w.safetensors\n")
+    assert load_config(old).model.pretrained == "/w.safetensors"

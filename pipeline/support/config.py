@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from mcci_models.saved import upgrade_config
 from pipeline.support.errors import ConfigError
 
 
@@ -309,8 +310,9 @@ def validate(cfg: Config) -> None:
         path = Path(getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
         if str(path) and path.is_file():
             raise ConfigError(f"{key}={path} is a file; name a folder")
-    if not cfg.data.augment.ratio[0] <= cfg.data.augment.ratio[1]:
-        raise ConfigError(f"data.augment.ratio must be (low, high) with low <= high, got {list(cfg.data.augment.ratio)}")
+    ratio = cfg.data.augment.ratio
+    if len(ratio) != 2 or not ratio[0] <= ratio[1]:
+        raise ConfigError(f"data.augment.ratio must be [low, high] with low <= high, got {list(ratio)}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -327,6 +329,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"cannot read {path} as YAML: {' '.join(str(e).split())}; fix the file") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (data, model, train, ...)")
+        if isinstance(data.get("model"), dict):  # a config.yaml saved by an earlier version, in today's keys
+            data = upgrade_config(data)
         _apply(cfg, data)
     for text in overrides:
         _apply(cfg, parse_override(text))
