@@ -66,6 +66,49 @@ class CifarResNet(ResNet):
         self.maxpool = nn.Identity()
 
 
+class PreActBlock(nn.Module):
+    """A pre-activation basic block (He et al., ECCV 2016): BN-ReLU before each 3x3 convolution; the
+    projection shortcut, where the shape changes, takes the pre-activated input."""
+
+    def __init__(self, in_chans: int, out_chans: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_chans)
+        self.conv1 = nn.Conv2d(in_chans, out_chans, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_chans)
+        self.conv2 = nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False)
+        self.shortcut = (nn.Conv2d(in_chans, out_chans, 1, stride=stride, bias=False)
+                         if stride != 1 or in_chans != out_chans else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = torch.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(activated)
+        return self.conv2(torch.relu(self.bn2(self.conv1(activated)))) + skip
+
+
+class PreActResNet18(nn.Module):
+    """The pre-activation ResNet-18 of BackdoorBench's CIFAR-10 tables (3x3 stem, four stages of two
+    blocks, 64-512 channels, no BN-ReLU before the pooling, as theirs), so defence figures compare."""
+
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, **_: object):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, 64, 3, padding=1, bias=False)
+        stages, c = [], 64
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(PreActBlock(c, width, stride), PreActBlock(width, width, 1)))
+            c = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features, self.num_classes = c, num_classes
+        self.fc = nn.Linear(c, num_classes) if num_classes else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+        return self.fc(self.pool(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+
 # timm's pretrained configs (input size, normalisation, classifier name): they travel with an export
 # (`mcci export`), and they let timm reload these models from a local folder. No hub weights exist, so
 # there are no pretraining statistics: mean and std are the 0.5 an unset data.mean/std meant before it
@@ -76,6 +119,7 @@ default_cfgs = generate_default_cfgs({
     "mcci_convnet_small": dict(**_CIFAR_CFG, first_conv="features.0", classifier="head"),
     "mcci_convnet_tiny": dict(**_CIFAR_CFG, first_conv="features.0", classifier="head"),
     "resnet18_cifar": dict(**_CIFAR_CFG, first_conv="conv1", classifier="fc"),
+    "preact_resnet18": dict(**_CIFAR_CFG, first_conv="conv1", classifier="fc"),
 })
 
 
@@ -103,6 +147,12 @@ def mcci_convnet_tiny(pretrained: bool = False, **kwargs) -> SmallConvNet:
 def resnet18_cifar(pretrained: bool = False, **kwargs) -> ResNet:
     """ResNet-18 with the 3x3 stride-1 stem and no max-pool, the usual CIFAR variant."""
     return _build(CifarResNet, "resnet18_cifar", pretrained, block=BasicBlock, layers=[2, 2, 2, 2], **kwargs)
+
+
+@register_model
+def preact_resnet18(pretrained: bool = False, **kwargs) -> PreActResNet18:
+    """BackdoorBench's PreAct-ResNet18 for 32 px images: 11.2M parameters, 0.56 G multiply-adds at 32 px."""
+    return _build(PreActResNet18, "preact_resnet18", pretrained, **kwargs)
 
 
 def _check_name(name: str) -> None:

@@ -76,3 +76,17 @@ def test_bad_model_inputs():
         create_sfrn("resnet18", 10, 32, __file__)
     with pytest.raises(ModelError, match="no pretrained weights"):
         create_sfrn("mcci_convnet_tiny", 10, 32, "hub")  # refused before any download
+
+
+def test_preact_resnet18_is_backdoorbenchs_architecture():
+    """BackdoorBench's PreAct-ResNet18 (CIFAR-10, 10 classes): 11,171,146 parameters, 102 state tensors;
+    pre-activation blocks whose projection shortcut reads the activated input."""
+    model = create_sfrn("preact_resnet18", 10, 32).eval()
+    assert sum(p.numel() for p in model.parameters()) == 11_171_146
+    assert len(model.state_dict()) == 102 and model.get_classifier() is model.fc
+    block = model.layer2[0]
+    x = torch.randn(2, 64, 16, 16)
+    activated = torch.relu(block.bn1(x))
+    expected = block.conv2(torch.relu(block.bn2(block.conv1(activated)))) + block.shortcut(activated)
+    torch.testing.assert_close(block(x), expected)
+    assert model(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
