@@ -313,3 +313,18 @@ def test_grad_accumulation_must_divide_epochs_and_checkpoints():
     with pytest.raises(ConfigError, match="train.checkpoint_every=5"):
         run_checks.check_data_for_run(load_config(None, ["train.grad_accumulation=2", "train.checkpoint_every=5"]),
                                       manifest, "no", 10)
+
+
+def test_frozen_bn_stats_reach_the_sfrn_inside_a_ddp_style_wrapper():
+    model = create_model("mcci", "mcci_convnet_tiny", 3, 32, feature_dim=6, ain_widths=(4, 4, 4))
+
+    class Wrapper(nn.Module):  # as DDP: the network under .module, no .sfrn on the wrapper
+        def __init__(self, module: nn.Module):
+            super().__init__()
+            self.module = module
+
+    wrapped = Wrapper(model)
+    train_job.set_train_mode(wrapped, model, freeze_bn_stats=True)
+    norms = {name: m.training for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert norms and not any(t for n, t in norms.items() if n.startswith("sfrn."))
+    assert all(t for n, t in norms.items() if n.startswith("ain."))  # the AIN's statistics still learn

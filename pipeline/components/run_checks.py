@@ -11,7 +11,7 @@ from pipeline.support.errors import ConfigError, ShardError
 RUN_SECTIONS = ("model", "spectrum", "optim")
 RUN_KEYS = ("data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.mean", "data.std", "data.augment",
             "train.defense", "train.epochs", "train.seed", "train.mixed_precision", "train.grad_accumulation",
-            "train.mcci_variant", "train.mcci_variant_weight")
+            "train.mcci_variant", "train.mcci_variant_weight", "train.freeze_bn_stats", "train.ema_decay")
 FP16_MAX = 65504.0
 
 

@@ -25,7 +25,8 @@ def validate(model: nn.Module, cfg: Config, manifest: dict[str, Any], transform:
     stream = StreamOptions.from_config(cfg.data)
     if isinstance(model, MCCI):
         r = cfg.reference
-        set_model_reference(model, cfg.data.shards, manifest, r.kind, r.source, r.count, transform, device, stream)
+        with autocast():  # DeepSpeed's bf16/fp16 weights take the fp32 spectra only under autocast
+            set_model_reference(model, cfg.data.shards, manifest, r.kind, r.source, r.count, transform, device, stream)
     results = evaluate(model, cfg.data.shards, manifest, transform, device, cfg.data.eval_batch_size,
                        cfg.data.num_workers, reduce=reduce, autocast=autocast, stream=stream)
     return results if isinstance(model, MCCI) else {"plain": results}

@@ -76,12 +76,13 @@ def train_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
     return loss.detach(), grad_norm
 
 
-def set_train_mode(model: nn.Module, freeze_bn_stats: bool) -> None:
-    """Training mode; with ``freeze_bn_stats`` the SFRN's BatchNorm layers stay in eval mode, so a
-    pre-trained backbone keeps its running statistics (the AIN's, trained from scratch, still learn)."""
+def set_train_mode(model: nn.Module, network: nn.Module, freeze_bn_stats: bool) -> None:
+    """Training mode for ``model`` (as prepared: DDP may wrap it); with ``freeze_bn_stats`` the BatchNorm
+    layers of ``network``'s (the unwrapped model's) SFRN stay in eval mode, so a pre-trained backbone keeps
+    its running statistics (the AIN's, trained from scratch, still learn)."""
     model.train()
     if freeze_bn_stats:
-        for module in getattr(model, "sfrn", model).modules():
+        for module in getattr(network, "sfrn", network).modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
 
@@ -167,6 +168,10 @@ def train(cfg: Config) -> Path:
     if cfg.train.ema_decay > 0 and sharded:
         raise ConfigError("train.ema_decay needs whole parameters on each rank; ZeRO-3 and FSDP shard them: "
                           "set train.ema_decay=0 or use DDP / ZeRO-2")
+    if cfg.train.ema_decay > 0 and deepspeed_input_dtype(accelerator) is not None:
+        raise ConfigError("train.ema_decay under DeepSpeed with bf16/fp16 weights would keep the EMA in that dtype, "
+                          "where its small updates round away: set train.ema_decay=0, or train without DeepSpeed "
+                          "(DDP keeps fp32 weights under autocast)")
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     seed_rank_randomness(cfg.train.seed, accelerator.process_index)
@@ -183,8 +188,8 @@ def train(cfg: Config) -> Path:
         check_resume_identity(json.loads((newest / TRAINER_STATE).read_text()).get("run"), identity)
         state, ema_weights = load_training_state(accelerator, newest)
         step, start_epoch = state["step"], state["epoch"]
-        if ema is not None and ema_weights is not None:
-            ema.module.load_state_dict(ema_weights)
+        if ema is not None:  # a checkpoint without one (written before identities) restarts it from the weights
+            ema.module.load_state_dict(ema_weights or accelerator.unwrap_model(model).state_dict())
         if accelerator.is_main_process:
             trim_logs(out, step)
         _restore_augment_rng(transform, state["augment_rng"], accelerator)
@@ -231,7 +236,7 @@ def train(cfg: Config) -> Path:
                           "on the saved model")
     window_start, window_images, last_checked = time.perf_counter(), 0, step
     for epoch in range(start_epoch, cfg.train.epochs):
-        set_train_mode(model, cfg.train.freeze_bn_stats)
+        set_train_mode(model, accelerator.unwrap_model(model), cfg.train.freeze_bn_stats)
         loader = train_loader(cfg.data.shards, manifest, cfg.data.batch_size, steps, cfg.data.num_workers,
                               cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + accelerator.process_index,
                               epoch=epoch, decode=decode, stream=stream)
@@ -248,7 +253,10 @@ def train(cfg: Config) -> Path:
             bar.update(1)
             checkpoint_due = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
             if step % cfg.train.log_every == 0 or step == total_steps or checkpoint_due or step % steps == 0:
-                check_finite(loss, step, last_checked)  # the only host sync of a step, and only on these steps
+                # the mean over ranks: all stop together on a non-finite loss (none waits in the next all-reduce);
+                # the only host sync of a step, and only on these steps
+                loss = accelerator.reduce(loss, "mean")
+                check_finite(loss, step, last_checked)
                 last_checked = step
             if step % cfg.train.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
