@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from pipeline.support.config import Config, to_dict
+from pipeline.support.config import Config, keys
 from pipeline.support.errors import ConfigError
 
 # tracker name -> (module that must import, what to install)
@@ -32,13 +32,4 @@ def resolve_trackers(names: tuple[str, ...]) -> list[str]:
 
 def flat_config(cfg: Config) -> dict[str, Any]:
     """The config as dotted keys with scalar values, as trackers take hyper-parameters."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    walk("", to_dict(cfg))
-    return flat
+    return {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, _, value in keys(cfg)}
