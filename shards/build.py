@@ -79,6 +79,7 @@ class BuildSpec:
     shard_size: int = 1000
     trusted_count: int = 100
     max_train: int | None = None  # a seeded random subset of this many training images
+    max_test: int | None = None  # and of test images (both test splits come from it)
     workers: int = 0  # 0: choose from the machine and the data size
     overwrite: bool = False
 
@@ -113,8 +114,9 @@ def _validate(spec: BuildSpec) -> None:
         raise ShardBuildError(f"--workers must be >= 0 (0: automatic), got {spec.workers}")
     if spec.trusted_count < 0:
         raise ShardBuildError(f"--trusted-count must be >= 0, got {spec.trusted_count}")
-    if spec.max_train is not None and spec.max_train < 1:
-        raise ShardBuildError(f"--max-train must be at least 1, got {spec.max_train}")
+    for flag, value in (("--max-train", spec.max_train), ("--max-test", spec.max_test)):
+        if value is not None and value < 1:
+            raise ShardBuildError(f"{flag} must be at least 1, got {value}")
     _check_output(spec)
 
 
@@ -355,11 +357,14 @@ def _plan(spec: BuildSpec, sources: dict[str, LabelledImages], attack) -> tuple[
         label = poison_label(orig, spec, num_classes) if (poison and split == "train" and not attack.clean_label) else orig
         return _SampleSpec(f"{pos:08d}", source.refs[ref_index], label, orig, poison, int(ref_index), is_cross)
 
-    triggered_test = np.arange(len(test)) if spec.mode == "all-to-all" else np.flatnonzero(test.labels != spec.target)
+    test_pool = np.arange(len(test))
+    if spec.max_test is not None and spec.max_test < len(test_pool):
+        test_pool = np.sort(rng.choice(test_pool, size=spec.max_test, replace=False))
+    triggered_test = test_pool if spec.mode == "all-to-all" else test_pool[test.labels[test_pool] != spec.target]
     plan = {
         "train": [sample("train", p, i, train, int(i) in poisoned, int(i) in cross) for p, i in enumerate(keep)],
         "trusted": [sample("trusted", p, i, train, False) for p, i in enumerate(trusted)],
-        "test-clean": [sample("test-clean", p, i, test, False) for p, i in enumerate(range(len(test)))],
+        "test-clean": [sample("test-clean", p, i, test, False) for p, i in enumerate(test_pool)],
         "test-poisoned": [sample("test-poisoned", p, i, test, True) for p, i in enumerate(triggered_test)],
     }
     chosen = {"poisoned_indices": sorted(poisoned), "cross_indices": sorted(cross), "trusted_indices": trusted.tolist()}

@@ -109,6 +109,16 @@ def test_max_train_takes_a_seeded_subset(image_tree, tmp_path):
     assert len(indices) == 20 and indices <= set(range(36))
 
 
+def test_max_test_takes_a_seeded_subset_for_both_test_splits(image_tree, tmp_path):
+    m = build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "o"), max_test=5, trusted_count=2,
+                               poison_rate=0.25), progress=False)
+    clean = {json.loads(s["json"])["index"] for s in _samples(tmp_path / "o", "test-clean")}
+    triggered = [json.loads(s["json"]) for s in _samples(tmp_path / "o", "test-poisoned")]
+    assert m["splits"]["test-clean"]["count"] == 5 and len(clean) == 5 and clean <= set(range(12))
+    # the triggered split is the same subset less the target class's images
+    assert {t["index"] for t in triggered} == {i for i in clean if i // 4 != 0} and all(t["orig_label"] != 0 for t in triggered)
+
+
 def test_resize_and_jpeg_option(image_tree, tmp_path):
     m = build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "o"), image_size=20, image_format="jpeg",
                                jpeg_quality=80, trusted_count=2), progress=False)

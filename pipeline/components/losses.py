@@ -48,7 +48,12 @@ def lff_weights(sfrn_ce: torch.Tensor, ain_ce: torch.Tensor) -> torch.Tensor:
 
 def training_loss(model: nn.Module, inputs: ModelInputs, labels: torch.Tensor, label_smoothing: float = 0.0,
                   variant: str = "none", weight: float = 1.0) -> torch.Tensor:
-    """Cross-entropy of the model as trained (MCCI with each input's own spectrum), plus the variant term."""
+    """Cross-entropy of the model as trained (MCCI with each input's own spectrum), plus the variant term.
+    A mixed batch (``inputs.targets``, already smoothed by timm's Mixup) is scored against its soft labels."""
+    if inputs.targets is not None:
+        if variant != "none":
+            raise ValueError("the MCCI variants need each sample's own label; mixup/cutmix give soft labels")
+        labels, label_smoothing = inputs.targets, 0.0
     if inputs.spectra is None:
         return F.cross_entropy(model(inputs.images).float(), labels, label_smoothing=label_smoothing)
     if variant == "none":

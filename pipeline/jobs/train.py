@@ -28,7 +28,7 @@ from pipeline.components.checkpoint import (TRAINER_STATE, checkpoint_dirs, load
 from pipeline.components.distributed import (configure_deepspeed, deepspeed_input_dtype, resolve_mixed_precision,
                                              seed_rank_randomness, shards_parameters)
 from pipeline.components.evaluation import set_model_reference
-from pipeline.components.flops import forward_flops
+from mcci_models.flops import forward_flops
 from pipeline.components.losses import training_loss
 from pipeline.components.models import build_model, build_transform, model_meta
 from pipeline.components.optim import build_optimizer, build_scheduler
@@ -48,12 +48,15 @@ from pipeline.support.report import write_text
 TRAIN_LOG = "train_log.jsonl"
 
 
-def model_inputs(transform: InputTransform, images: torch.Tensor, dtype: torch.dtype | None) -> ModelInputs:
-    """Augmented SFRN input and spectrum (always computed in fp32), cast to ``dtype`` when given."""
-    inputs = transform(images, train=True)
+def model_inputs(transform: InputTransform, images: torch.Tensor, dtype: torch.dtype | None,
+                 labels: torch.Tensor | None = None) -> ModelInputs:
+    """Augmented (and, with ``labels`` and mixup on, mixed) SFRN input and spectrum (always computed in
+    fp32), cast to ``dtype`` when given."""
+    inputs = transform(images, train=True, labels=labels)
     if dtype is None:
         return inputs
-    return ModelInputs(inputs.images.to(dtype), None if inputs.spectra is None else inputs.spectra.to(dtype))
+    return ModelInputs(inputs.images.to(dtype), None if inputs.spectra is None else inputs.spectra.to(dtype),
+                       inputs.targets)
 
 
 def train_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
@@ -177,7 +180,7 @@ def train(cfg: Config) -> Path:
     seed_rank_randomness(cfg.train.seed, accelerator.process_index)
     input_dtype = deepspeed_input_dtype(accelerator)
     transform = build_transform(cfg, seed=cfg.train.seed * 1000 + accelerator.process_index,
-                                device=accelerator.device)
+                                device=accelerator.device, num_classes=manifest["num_classes"])
     loss_fn = partial(training_loss, label_smoothing=cfg.optim.label_smoothing, variant=cfg.train.mcci_variant,
                       weight=cfg.train.mcci_variant_weight)
     decode = resolve_decode(cfg.data.decode, manifest["image_format"], accelerator.device)
@@ -243,7 +246,7 @@ def train(cfg: Config) -> Path:
         # After a mid-epoch resume, replay the epoch's seeded stream up to where the checkpoint was
         # taken: the data order (and so the result) matches an uninterrupted run.
         for batch in device_batches(itertools.islice(loader, step - epoch * steps, None), accelerator.device):
-            inputs = model_inputs(transform, batch.images, input_dtype)
+            inputs = model_inputs(transform, batch.images, input_dtype, batch.labels)
             loss, grad_norm = train_step(accelerator, model, optimizer, scheduler, inputs, batch.labels,
                                          cfg.optim.grad_clip, loss_fn)
             step += 1
