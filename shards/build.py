@@ -72,6 +72,7 @@ class BuildSpec:
     mode: str = "all-to-one"
     seed: int = 0
     image_size: int | None = None
+    crop_pct: float = 1.0  # with image_size: resize the shorter side to image_size / crop_pct, then centre-crop
     test_source: str | None = None
     attack_params: dict[str, Any] = field(default_factory=dict)
     image_format: str = "auto"  # auto: png up to 64 px, jpeg above
@@ -108,6 +109,10 @@ def _validate(spec: BuildSpec) -> None:
         raise ShardBuildError(f"--shard-size must be at least 1, got {spec.shard_size}")
     if spec.image_size is not None and not 8 <= spec.image_size <= MAX_IMAGE_SIZE:
         raise ShardBuildError(f"--image-size must be in 8..{MAX_IMAGE_SIZE}, got {spec.image_size}")
+    if not 0.5 <= spec.crop_pct <= 1.0:
+        raise ShardBuildError(f"--crop-pct must be in 0.5..1 (timm's crop_pct, e.g. 0.875), got {spec.crop_pct}")
+    if spec.crop_pct != 1.0 and spec.image_size is None:
+        raise ShardBuildError("--crop-pct needs --image-size: it says how much of the resized image the crop keeps")
     if spec.seed < 0:
         raise ShardBuildError(f"--seed must be >= 0, got {spec.seed}")
     if spec.workers < 0:
@@ -254,11 +259,12 @@ def _pool_results(pool: Any, jobs: list) -> Iterator[dict[str, Any]]:
                 _stop_if_signalled()
 
 
-def fit_image(image: Image.Image, size: int | None) -> np.ndarray:
-    """Resize the shorter side to ``size`` and centre-crop a square (no-op when it already fits)."""
-    if size is not None and image.size != (size, size):
+def fit_image(image: Image.Image, size: int | None, crop_pct: float = 1.0) -> np.ndarray:
+    """Resize the shorter side (bicubic, as timm's pretrained configs mostly ask) to ``size / crop_pct``
+    and centre-crop a ``size`` square: timm's evaluation transform (no-op when it already fits)."""
+    if size is not None and (image.size != (size, size) or crop_pct != 1.0):
         w, h = image.size
-        scale = size / min(w, h)
+        scale = size / crop_pct / min(w, h)
         image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
         w, h = image.size
         left, top = (w - size) // 2, (h - size) // 2
@@ -292,7 +298,7 @@ def _write_shard(job: tuple[str, str, list[_SampleSpec]]) -> dict[str, Any]:
     tmp = path + ".tmp"
     with wds.TarWriter(tmp, encoder=False, mtime=0.0) as sink:
         for s in samples:
-            pixels = fit_image(source.load(s.ref), resize_to)
+            pixels = fit_image(source.load(s.ref), resize_to, _STATE["crop_pct"])
             if pixels.shape != (size, size, 3):
                 raise ShardBuildError(f"image {s.ref} is {pixels.shape[1]}x{pixels.shape[0]}, not {size}x{size} as "
                                       "the first training image; pass --image-size N to resize every image to N px")
@@ -375,8 +381,9 @@ def _context(spec: BuildSpec, sources: dict[str, LabelledImages], size: int, pla
              assets_dir: Path, progress: bool) -> AttackContext:
     def pixels(split: str, indices: np.ndarray) -> np.ndarray:
         source = sources[split]
-        return np.stack([fit_image(source.load(source.refs[int(i)]), size) for i in indices]) if len(indices) else \
-            np.zeros((0, size, size, 3), np.uint8)
+        if not len(indices):
+            return np.zeros((0, size, size, 3), np.uint8)
+        return np.stack([fit_image(source.load(source.refs[int(i)]), size, spec.crop_pct) for i in indices])
 
     poisoned = np.asarray(chosen["poisoned_indices"], dtype=np.int64)
     clean = np.asarray([s.index for s in plan["train"] if not s.poisoned and not s.cross], dtype=np.int64)
@@ -443,6 +450,7 @@ def _build_into(spec: BuildSpec, staging: Path, progress: bool) -> dict[str, Any
     total = sum(len(s) for s in plan.values())
     workers = spec.workers or (1 if total < 4000 else min(8, os.cpu_count() or 1))
     state = {"sources": sources, "attack": attack, "image_size": size, "resize": spec.image_size is not None,
+             "crop_pct": spec.crop_pct,
              "format": fmt, "jpeg_quality": spec.jpeg_quality}
     results = []
     with tqdm(total=total, unit="img", desc="writing shards", disable=not progress, smoothing=0.1) as bar:

@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from shards.build import BuildSpec, build_shards
+from shards.build import BuildSpec, build_shards, fit_image
 from shards.errors import ShardBuildError
 
 from conftest import make_image_tree
@@ -365,3 +365,18 @@ def test_fingerprint_follows_the_content(tiny_shards):
     changed = json.loads(json.dumps(manifest))
     changed["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
     assert fingerprint(changed) != fingerprint(manifest)
+
+
+def test_crop_pct_keeps_the_centre_as_timms_eval_transform_does(tmp_path):
+    """A 64 px image, white inside its central 32 px, black outside: crop_pct 0.5 at 16 px keeps only the
+    white centre; crop_pct 1 keeps the black border too. Recorded in the manifest for predict."""
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[16:48, 16:48] = 255
+    image = Image.fromarray(pixels)
+    assert fit_image(image, 16, 0.5).min() > 200
+    assert fit_image(image, 16, 1.0)[0, 0].max() < 50
+    with pytest.raises(ShardBuildError, match="--crop-pct needs --image-size"):
+        build_shards(BuildSpec(source="embedded:digits", out=str(tmp_path / "o"), crop_pct=0.875), progress=False)
+    m = build_shards(BuildSpec(source="embedded:digits", out=str(tmp_path / "o"), image_size=16, crop_pct=0.875,
+                               max_train=200, max_test=50), progress=False)
+    assert m["build"]["crop_pct"] == 0.875

@@ -70,6 +70,7 @@ def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
             "num_classes": manifest["num_classes"], "image_size": manifest["image_size"],
             "target": manifest["target"], "mode": manifest.get("mode", "all-to-one"),
             "attack": manifest["attack"]["name"], "data_fingerprint": fingerprint(manifest), "reference": None,
+            "crop_pct": manifest.get("build", {}).get("crop_pct", 1.0),  # how predict fits a new image
             "sfrn_input": sfrn_data_config(cfg.model.sfrn)}
 
 

@@ -21,14 +21,14 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
-from mcci_models import MCCI
+from mcci_models import MCCI, sfrn_data_config
+from mcci_models.flops import forward_flops
 from mcci_models.saved import MODEL_DIR
 from pipeline.components.checkpoint import (TRAINER_STATE, checkpoint_dirs, load_training_state, save_model,
                                            save_training_state)
 from pipeline.components.distributed import (configure_deepspeed, deepspeed_input_dtype, resolve_mixed_precision,
                                              seed_rank_randomness, shards_parameters)
 from pipeline.components.evaluation import set_model_reference
-from mcci_models.flops import forward_flops
 from pipeline.components.losses import training_loss
 from pipeline.components.models import build_model, build_transform, model_meta
 from pipeline.components.optim import build_optimizer, build_scheduler
@@ -128,6 +128,17 @@ def _describe(model: nn.Module, image_size: int, accelerator: Accelerator) -> No
                           f"{flops / 1e9:.3f} GFLOPs/image")
 
 
+def _note_pretrained_input(cfg: Config, manifest: dict[str, Any], accelerator: Accelerator) -> None:
+    """A pre-trained SFRN saw its images cut one way (timm's crop_pct); say so when the shards differ."""
+    if cfg.model.pretrained == "none":
+        return
+    expected = sfrn_data_config(cfg.model.sfrn).get("crop_pct", 1.0)
+    built = manifest.get("build", {}).get("crop_pct", 1.0)
+    if abs(expected - built) > 1e-6:
+        accelerator.print(f"note: the shards were cut with crop_pct {built:g}; {cfg.model.sfrn}'s pretrained "
+                          f"config uses {expected:g} (`mcci shards build --crop-pct {expected:g}` matches it)")
+
+
 def _restore_augment_rng(transform: InputTransform, states: list, accelerator: Accelerator) -> None:
     """This rank's augmentation RNG from a checkpoint's per-rank states (older checkpoints hold one)."""
     if states and isinstance(states[0], int):
@@ -158,6 +169,7 @@ def train(cfg: Config) -> Path:
     model = build_model(cfg, manifest["num_classes"], manifest["image_size"])
     if accelerator.is_main_process:
         _describe(model, manifest["image_size"], accelerator)
+        _note_pretrained_input(cfg, manifest, accelerator)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile != "no":
