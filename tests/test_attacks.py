@@ -112,6 +112,31 @@ def test_low_frequency_trigger_has_no_energy_above_its_cutoff():
     assert np.abs(unrounded[high]).max() < 1e-9
 
 
+def test_low_frequency_pattern_file_is_added_as_backdoorbench_adds_it(tmp_path):
+    """A BackdoorBench LF trigger (.npy, 0..255 units, [H, W, 3] uint8; [N, H, W, 3] and [H, W] too) is
+    added as is, clipped: no band limit, no rescaling to ``magnitude``, no optimisation."""
+    y, x = np.mgrid[0:32, 0:32]
+    blob = np.stack([18 * np.exp(-((x - 16) ** 2 + (y - 16) ** 2) / 200), np.zeros((32, 32)),
+                     51 * np.exp(-((x - 16) ** 2 + (y - 16) ** 2) / 200)], axis=-1).round().astype(np.uint8)
+    np.save(tmp_path / "t.npy", blob)
+    attack = build_attack("lf", {"pattern_file": str(tmp_path / "t.npy")}, 32, seed=0)
+    image = np.full((32, 32, 3), 230, np.uint8)
+    out = attack.apply(image, 0)
+    np.testing.assert_array_equal(out, np.clip(image.astype(int) + blob, 0, 255))  # clipped at 255, like theirs
+    assert attack.params["resolved_peak"] == 51 and len(attack.assets["pattern_file"]) == 64
+    attack.prepare(None)  # nothing to optimise: the surrogate is never asked for
+    np.save(tmp_path / "t4.npy", blob[None])
+    np.testing.assert_array_equal(build_attack("lf", {"pattern_file": str(tmp_path / "t4.npy")}, 32, 0).apply(image, 0), out)
+    np.save(tmp_path / "t2.npy", blob[:, :, 2])
+    grey = build_attack("lf", {"pattern_file": str(tmp_path / "t2.npy")}, 32, 0).apply(np.zeros_like(image), 0)
+    assert all(np.array_equal(grey[:, :, c], blob[:, :, 2]) for c in range(3))
+    bigger = build_attack("lf", {"pattern_file": str(tmp_path / "t.npy")}, 64, 0).pattern
+    assert bigger.shape == (64, 64, 3) and abs(bigger[:, :, 2].max() - 51) < 3  # resized to the image
+    np.save(tmp_path / "bad.npy", np.zeros((32, 32, 4)))
+    with pytest.raises(ShardBuildError, match="shape"):
+        build_attack("lf", {"pattern_file": str(tmp_path / "bad.npy")}, 32, 0)
+
+
 def test_ftrojan_changes_exactly_the_chosen_coefficients():
     from shards.attacks.ftrojan import block_dct, rgb_to_ycrcb
 
