@@ -99,7 +99,7 @@ def test_low_frequency_trigger_has_no_energy_above_its_cutoff():
 
     from shards.attacks.low_frequency import low_frequency_mask
 
-    attack = build_attack("lf", {"optimise": False}, 32, seed=0)
+    attack = build_attack("lf", {"optimise": False, "magnitude": 16}, 32, seed=0)
     image = np.full((32, 32, 3), 128, np.uint8)
     delta = attack.apply(image, 0).astype(np.float64) - 128
     assert np.abs(delta).max() == pytest.approx(16, abs=0.5)
@@ -110,6 +110,21 @@ def test_low_frequency_trigger_has_no_energy_above_its_cutoff():
     assert (spectrum[high] ** 2).sum() < 0.02 * (spectrum ** 2).sum()
     unrounded = scipy.fft.dctn(attack.pattern, axes=(0, 1), norm="ortho")
     assert np.abs(unrounded[high]).max() < 1e-9
+
+
+def test_low_frequency_default_peak_is_16_for_the_uap_and_51_for_the_random_band():
+    """A random band at the UAP's peak of 16 did not backdoor the reduced CIFAR-10 baseline (ASR 0.112),
+    at 51, the peak of BackdoorBench's CIFAR-10 trigger, it did: the random band defaults to 51."""
+    image = np.full((32, 32, 3), 128, np.uint8)
+    random_band = build_attack("lf", {"optimise": False}, 32, seed=0)
+    assert random_band.params["resolved_magnitude"] == 51.0
+    assert np.abs(random_band.apply(image, 0).astype(int) - 128).max() == 51
+    assert np.abs(random_band.pattern).max() == pytest.approx(51.0)
+    uap = build_attack("lf", {}, 32, seed=0)  # its seeded start, before ``prepare`` optimises it
+    assert uap.params["resolved_magnitude"] == 16.0 and np.abs(uap.pattern).max() == pytest.approx(16.0)
+    given = build_attack("lf", {"optimise": False, "magnitude": 30}, 32, seed=0)
+    assert np.abs(given.pattern).max() == pytest.approx(30.0)
+    np.testing.assert_allclose(given.pattern * 51 / 30, random_band.pattern)  # the same seeded shape
 
 
 def test_low_frequency_pattern_file_is_added_as_backdoorbench_adds_it(tmp_path):
