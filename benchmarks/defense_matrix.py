@@ -9,6 +9,9 @@ An attack is ``NAME`` (all-to-one, target ``--target``, default 0) or ``NAME:all
 YAML mapping of attack name to parameters (default: the registry's BackdoorBench defaults). Writes
 ``<out>/defense_matrix.json``, ``<out>/defense_matrix.md`` and ``<out>/defense_matrix.png`` (CA / ASR / RA / DER per attack and
 mode, and the AUROC of `mcci audit` against the recorded poison). Each attack's experiment lives in ``<out>/<attack>/`` and resumes where it stopped.
+Each attack gets a verdict: "attack failed on the baseline" when the undefended model's ASR is below
+0.5 (its MCCI rows then show no DER: there was no backdoor to remove), else "removed" (mind-control
+ASR <= 0.10) or "not removed".
 """
 from __future__ import annotations
 
@@ -26,20 +29,37 @@ from shards.build import MODES, BuildSpec
 
 DIRTY_LABEL_RATE = 0.1
 CLEAN_LABEL_RATE = 0.08  # 80 % of the target class when it is a tenth of the data
+# Below this baseline ASR the attack did not backdoor the undefended model: there is nothing to
+# defend, so a low ASR under MCCI says nothing and the row is no evidence for the defense.
+BASELINE_ASR_MIN = 0.5
+REMOVED_ASR_MAX = 0.10  # mind-control ASR at or below which a landed backdoor counts as removed
+ATTACK_FAILED = "attack failed on the baseline"
+
+
+def verdict(row: dict) -> str:
+    """What one attack's rows show: the attack failed on the baseline, or MCCI (mind control)
+    removed the backdoor, or it did not."""
+    if row["baseline"]["asr"] < BASELINE_ASR_MIN:
+        return ATTACK_FAILED
+    return "removed" if row["mcci"]["mind_control"]["asr"] <= REMOVED_ASR_MAX else "not removed"
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| attack | rate | model | CA | ASR | RA | DER | audit AUROC | minutes |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """Markdown, three lines per attack. Where the attack failed on the baseline, the MCCI rows get
+    no DER (it would credit MCCI for a backdoor that was never there) and the verdict says so."""
+    lines = ["| attack | rate | model | CA | ASR | RA | DER | audit AUROC | minutes | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         truth = (r.get("audit") or {}).get("recorded_poisoned")  # absent in metrics written before the audit
+        outcome = verdict(r)
         for label, m in (("baseline", r["baseline"]), ("MCCI own spectrum", r["mcci"]["own"]),
                          ("MCCI mind control", r["mcci"]["mind_control"])):
-            der = f"{m['der']:.3f}" if "der" in m else ""
+            der = f"{m['der']:.3f}" if "der" in m and outcome != ATTACK_FAILED else ""
             auroc = f"{truth['auroc']:.3f}" if truth and label == "MCCI mind control" else ""
             minutes = f"{r['seconds'] / 60:.1f}" if label == "baseline" and "seconds" in r else ""
+            shown = outcome if label == "MCCI mind control" or (label == "baseline" and outcome == ATTACK_FAILED) else ""
             lines.append(f"| {r['attack']} | {r['poison_rate']} | {label} | {m['clean_acc']:.3f} | {m['asr']:.3f} | "
-                         f"{m['ra']:.3f} | {der} | {auroc} | {minutes} |")
+                         f"{m['ra']:.3f} | {der} | {auroc} | {minutes} | {shown} |")
     return "\n".join(lines)
 
 
@@ -79,6 +99,7 @@ def main() -> None:
         results = run_experiment(Path(args.out) / entry.replace(":", "-"), spec, args.config, overrides,
                                  references=(), num_workers=args.num_workers)
         rows.append({"attack": entry, "poison_rate": spec.poison_rate, "attack_params": spec.attack_params, **results})
+        rows[-1]["verdict"] = verdict(rows[-1])
     markdown = table(rows)
     print(markdown)
     Path(args.out).mkdir(parents=True, exist_ok=True)

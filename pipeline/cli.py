@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--image-size", type=int, help=f"resize (shorter side) and centre-crop to N px (8..{MAX_IMAGE_SIZE}; "
                    "default: the first training image's size, every image then must have it)")
-    b.add_argument("--format", default="auto", choices=["auto", "png", "jpeg"], help="auto: PNG up to 64 px, else JPEG")
+    b.add_argument("--format", default="auto", choices=["auto", "png", "jpeg"], help="auto: PNG up to 64 px and for attacks JPEG would damage (ftrojan), else JPEG")
     b.add_argument("--jpeg-quality", type=int, default=95)
     b.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     b.add_argument("--trusted-count", type=int, default=100, help="clean training images held out as the trusted set")

@@ -75,7 +75,7 @@ class BuildSpec:
     crop_pct: float = 1.0  # with image_size: resize the shorter side to image_size / crop_pct, then centre-crop
     test_source: str | None = None
     attack_params: dict[str, Any] = field(default_factory=dict)
-    image_format: str = "auto"  # auto: png up to 64 px, jpeg above
+    image_format: str = "auto"  # auto: png up to 64 px (and for attacks JPEG would damage), jpeg above
     jpeg_quality: int = 95
     shard_size: int = 1000
     trusted_count: int = 100
@@ -436,7 +436,8 @@ def _build_into(spec: BuildSpec, staging: Path, progress: bool) -> dict[str, Any
     if attack.clean_label and spec.mode == "all-to-all":
         raise ShardBuildError(f"attack {spec.attack!r} is clean-label: it relabels nothing, so --mode all-to-all "
                               "does not apply; use --mode all-to-one")
-    fmt = spec.image_format if spec.image_format != "auto" else ("png" if size <= LOSSLESS_MAX_SIDE else "jpeg")
+    fmt = spec.image_format if spec.image_format != "auto" else \
+        ("png" if size <= LOSSLESS_MAX_SIDE or attack.lossless else "jpeg")
     plan, chosen = _plan(spec, sources, attack)
     attack.prepare(_context(spec, sources, size, plan, chosen, staging / "assets", progress))
 

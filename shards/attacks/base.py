@@ -47,7 +47,8 @@ class Attack:
     """Base class. Subclasses set ``defaults`` and implement ``apply``.
 
     ``clean_label`` attacks poison samples of the target class and keep their labels; the others
-    poison samples of other classes and relabel them. Hooks a subclass may override:
+    poison samples of other classes and relabel them. ``lossless`` attacks (FTrojan) are stored as
+    PNG whatever the image size, unless ``--format jpeg`` is asked for. Hooks a subclass may override:
     ``prepare`` (learn from the data first), ``apply_train`` (a training-only change, e.g. LC's
     adversarial perturbation), and ``cross_count``/``apply_cross`` (extra modified samples that keep
     their labels, e.g. WaNet's noise mode).
@@ -56,6 +57,8 @@ class Attack:
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     clean_label: ClassVar[bool] = False
+    # True when JPEG would damage the trigger: ``--format auto`` then stores PNG at every size
+    lossless: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any], image_size: int, seed: int):
         unknown = set(params) - set(self.defaults)
