@@ -10,6 +10,17 @@ from mcci_models.mcci import MCCI
 from mcci_models.sfrn import create_sfrn
 
 DEFENSES = ("mcci", "none")
+# What the AIN sees (``model.ain_view``): the image's spectrum alone, or with a low-passed copy of the image
+# beside it (pipeline/data/transforms.py computes both), channels stacked.
+AIN_VIEWS = ("spectrum", "spectrum+lowpass")
+
+
+def ain_in_chans(view: str, image_chans: int = 3) -> int:
+    """Channels of the AIN's input for ``view``: the spectrum's (one per image channel), and as many again
+    for the low-pass image."""
+    if view not in AIN_VIEWS:
+        raise ValueError(f"unknown AIN view {view!r}; choose one of {AIN_VIEWS}")
+    return image_chans * (2 if view == "spectrum+lowpass" else 1)
 
 
 def create_model(defense: str, sfrn: str, num_classes: int, img_size: int, *, pretrained: str = "none",

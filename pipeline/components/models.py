@@ -37,11 +37,13 @@ def build_model(cfg: Config, num_classes: int, image_size: int, load_pretrained:
 def build_transform(cfg: Config, seed: int = 0, spectra: bool = True,
                     device: torch.device | str = "cpu") -> InputTransform:
     """``spectra=False`` for jobs that only run mind control, which never reads an input's spectrum;
-    ``device``: where training batches will be, for the augmentation's random numbers."""
+    ``device``: where training batches will be, for the augmentation's random numbers. The AIN's input
+    is the view ``model.ain_view`` names, as the model was built for (``ain_in_chans``)."""
     fill_input_stats(cfg)
+    lowpass = cfg.model.ain_lowpass_size if cfg.model.ain_view == "spectrum+lowpass" else None
     return InputTransform(cfg.data.mean, cfg.data.std, cfg.data.augment, cfg.spectrum.normalisation,
                           cfg.spectrum.backend, with_spectra=spectra and cfg.train.defense == "mcci", seed=seed,
-                          channels_last=cfg.train.channels_last, device=device)
+                          channels_last=cfg.train.channels_last, device=device, lowpass=lowpass)
 
 
 def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:

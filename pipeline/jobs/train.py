@@ -115,7 +115,7 @@ def _check_out(cfg: Config) -> None:
 def _describe(model: nn.Module, image_size: int, accelerator: Accelerator) -> None:
     if isinstance(model, MCCI):
         sfrn = forward_flops(model.sfrn, (1, 3, image_size, image_size))
-        ain = forward_flops(model.ain, (1, 3, image_size, image_size))
+        ain = forward_flops(model.ain, (1, *model.reference_spectrum.shape))  # the AIN's input: its view's channels
         accelerator.print(f"SFRN {sum(p.numel() for p in model.sfrn.parameters()) / 1e6:.2f}M params, "
                           f"{sfrn / 1e9:.3f} GFLOPs/image; AIN {sum(p.numel() for p in model.ain.parameters()) / 1e6:.2f}M "
                           f"params, {ain / 1e9:.3f} GFLOPs/image ({100 * ain / sfrn:.1f}% of the SFRN)")

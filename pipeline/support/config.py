@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from mcci_models.factory import AIN_VIEWS
 from mcci_models.saved import upgrade_config
 from pipeline.support.errors import ConfigError
 
@@ -78,6 +79,12 @@ class ModelConfig:
     feature_dim: int = setting(100, "SFRN and AIN output size before the fusion layer", ge=1)
     ain_widths: tuple[int, ...] = setting((32, 64, 128), "channels of the AIN's convolution blocks", ge=1)
     ain_dropouts: tuple[float, ...] = setting((0.2, 0.3, 0.4), "dropout after each AIN block", ge=0.0, lt=1.0)
+    ain_view: str = setting("spectrum", "what the AIN sees: the image's spectrum; spectrum+lowpass: also the SFRN's "
+                            "input low-passed (3 more channels), where smooth image-wide triggers live "
+                            "(docs/VARIANTS.md)", choices=AIN_VIEWS)
+    ain_lowpass_size: int = setting(16, "spectrum+lowpass: the image averaged over a grid of this many cells a side, "
+                                    "then upsampled back (bilinear); finer patterns average out (>= the image "
+                                    "size: no smoothing)", ge=1)
 
 
 @dataclass
