@@ -1,7 +1,10 @@
-"""The AIN's low-pass view (``model.ain_view=spectrum+lowpass``, docs/VARIANTS.md): what it keeps and drops,
-and every job rebuilds it."""
+"""The two MCCI variants with a switch or a model side (docs/VARIANTS.md): ``isolate`` (the audit's rule
+isolates mid-training, the flagged samples are unlearned, the set survives a resume) and the AIN's
+low-pass view (``model.ain_view=spectrum+lowpass``: what it keeps and drops, and every job rebuilds it).
+The loss term of ``isolate`` is checked beside the other variants' in test_losses.py."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -9,14 +12,110 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import TINY_TRAIN
-from mcci_models import create_model_from_config
+from mcci_models import MCCI, create_model_from_config
 from pipeline.cli import main
 from pipeline.components.checkpoint import save_model
+from pipeline.components.isolation import flagged_indices
 from pipeline.components.models import build_model, build_transform, load_trained
 from pipeline.components.run_checks import check_resume_identity
-from pipeline.data.transforms import lowpass_view
-from pipeline.support.config import load_config, to_dict
+from pipeline.components.scoring import score_batches
+from pipeline.data.batches import Batch
+from pipeline.data.transforms import InputTransform, lowpass_view
+from pipeline.support.config import AugmentConfig, load_config, to_dict
 from pipeline.support.errors import ConfigError
+
+
+# --- isolate -------------------------------------------------------------------------------------------------------
+
+class _ChannelMeans(nn.Module):
+    """A hand-made SFRN: each channel's mean. The images below hold their class in one channel."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean((2, 3))
+
+
+class _FineDetail(nn.Module):
+    """A hand-made AIN: the energy of the spectrum's high-frequency quadrant, saturated, as a push to class 0
+    (the target). Flat images have none; the 2x2 checkerboard trigger below has plenty."""
+
+    def forward(self, spectra: torch.Tensor) -> torch.Tensor:
+        detail = torch.tanh(spectra[:, :, 4:, 4:].abs().sum((1, 2, 3)))
+        return torch.stack([20 * detail, torch.zeros_like(detail), torch.zeros_like(detail)], dim=1)
+
+
+def _image(cls: int, trigger: bool) -> torch.Tensor:
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    image[cls] = 200
+    if trigger:
+        image[0, :2, :2] = torch.tensor([[255, 0], [0, 255]], dtype=torch.uint8)
+    return image
+
+
+def test_isolation_flags_exactly_the_samples_whose_label_only_the_ain_explains():
+    model = MCCI(_ChannelMeans(), _FineDetail(), num_classes=3, feature_dim=3, spectrum_shape=(3, 8, 8)).eval()
+    with torch.no_grad():  # the fused logit: 10 x the SFRN's class evidence, plus the AIN's push to class 0
+        model.head.weight.copy_(torch.cat([10 * torch.eye(3), torch.eye(3)], dim=1))
+        model.head.bias.zero_()
+    transform = InputTransform((0.0,) * 3, (1.0,) * 3, AugmentConfig(), "log", "torch", with_spectra=True)
+    model.set_reference("feature", transform(torch.stack([_image(c, False) for c in range(3)]), train=False).spectra)
+    # (image class, trigger, training label, index)
+    samples = [(0, False, 0, 10), (1, False, 1, 11), (2, False, 2, 12),  # clean
+               (1, True, 0, 20), (2, True, 0, 21),  # poisoned: only the AIN explains the label -> flagged
+               (0, True, 0, 30),  # a triggered target-class image: the SFRN explains it too -> kept
+               (1, False, 0, 40)]  # a wrong label nothing explains -> kept
+    batch = Batch(torch.stack([_image(c, t) for c, t, _, _ in samples]), torch.tensor([y for *_, y, _ in samples]),
+                  torch.tensor([c for c, *_ in samples]), torch.tensor([t and y != c for c, t, y, _ in samples]),
+                  torch.tensor([i for *_, i in samples]))
+    rows = score_batches(model, [batch], transform, torch.device("cpu"))
+    assert flagged_indices(rows) == [20, 21]
+
+
+ISOLATE = [*TINY_TRAIN, "train.mcci_variant=isolate", "train.epochs=5", "train.isolate_epoch=4", "train.eval_every=0",
+           "train.checkpoint_every=3", "train.keep_checkpoints=20"]  # 5 steps an epoch: the switch at step 20
+
+
+def _trainer_state(run, step):
+    return json.loads((run / "checkpoints" / f"step-{step:08d}" / "trainer.json").read_text())
+
+
+def test_isolate_trains_switches_once_and_a_resume_reproduces_the_flagged_set(tiny_shards, tmp_path, capsys):
+    run = [f"data.shards={tiny_shards}", *ISOLATE]
+    straight = tmp_path / "straight"
+    main(["train", *run, f"train.out={straight}"])
+    assert "isolation after epoch 4:" in capsys.readouterr().out
+    record = json.loads((straight / "isolation.json").read_text())
+    assert record["epoch"] == 4 and record["step"] == 20 and record["samples"] == 42  # every training sample once
+    assert 0 < record["flagged"] == len(record["flagged_indices"])  # this recipe fits some poison through the AIN
+    assert {"count", "precision", "recall"} <= set(record["recorded_poisoned"])
+    assert _trainer_state(straight, 18)["isolation"] is None
+    assert _trainer_state(straight, 20)["isolation"] == _trainer_state(straight, 25)["isolation"] == record
+
+    # before the switch the run is plain MCCI; after it the isolated samples change the steps
+    main(["train", f"data.shards={tiny_shards}", *TINY_TRAIN, "train.epochs=5", "train.eval_every=0",
+          f"train.out={tmp_path / 'plain'}"])
+    logs = [[r["loss"] for r in map(json.loads, (tmp_path / d / "train_log.jsonl").read_text().splitlines())]
+            for d in ("straight", "plain")]
+    assert logs[0][:20] == logs[1][:20] and logs[0][20:] != logs[1][20:]
+
+    final = load_file(str(straight / "model" / "model.safetensors"))
+    for step in (21, 18):  # a resume after the switch takes the set from the checkpoint; one before makes it again
+        crashed = tmp_path / f"from-{step}"
+        shutil.copytree(straight / "checkpoints" / f"step-{step:08d}", crashed / "checkpoints" / f"step-{step:08d}")
+        main(["train", *run, f"train.out={crashed}", "train.resume=true"])
+        assert json.loads((crashed / "isolation.json").read_text()) == record
+        assert _trainer_state(crashed, 25)["isolation"] == record
+        resumed = load_file(str(crashed / "model" / "model.safetensors"))
+        for key in final:  # deterministic on the CPU: the resumed run is the uninterrupted run
+            torch.testing.assert_close(resumed[key], final[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.mcci_variant=isolate", "train.epochs=2", "train.isolate_epoch=2"], "must be less than train.epochs"),
+    (["train.mcci_variant=isolate", "train.defense=none"], "needs train.defense=mcci"),
+])
+def test_isolate_settings_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
 
 
 def test_a_checkpoint_without_a_key_added_since_resumes_while_the_key_keeps_its_default(tiny_shards):
@@ -25,13 +124,15 @@ def test_a_checkpoint_without_a_key_added_since_resumes_while_the_key_keeps_its_
 
     manifest = load_manifest(str(tiny_shards))
     saved = run_identity(load_config(None, []), manifest, 1, "no")
-    for key in ("model.ain_view", "model.ain_lowpass_size"):
+    for key in ("model.ain_view", "model.ain_lowpass_size", "train.isolate_epoch"):
         del saved[key]  # as a checkpoint written before these keys existed holds it
     check_resume_identity(saved, run_identity(load_config(None, []), manifest, 1, "no"))
     with pytest.raises(ConfigError, match=r"model.ain_view: None -> 'spectrum\+lowpass'"):
         check_resume_identity(saved, run_identity(load_config(None, ["model.ain_view=spectrum+lowpass"]), manifest, 1,
                                                   "no"))
 
+
+# --- the low-pass view ---------------------------------------------------------------------------------------------
 
 def test_lowpass_view_drops_a_fine_patch_and_keeps_smooth_stripes():
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

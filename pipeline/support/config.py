@@ -142,8 +142,11 @@ class TrainConfig:
                            choices=("no", "inductor", "aot_eager", "eager"))
     channels_last: bool = setting(False, "NHWC model and inputs: faster convolutions (AIN, CNN SFRNs) on tensor cores")
     mcci_variant: str = setting("none", "an MCCI variant that pushes what the AIN explains out of the SFRN "
-                                "(docs/VARIANTS.md)", choices=("none", "independence", "lff"))
+                                "(docs/VARIANTS.md)", choices=("none", "independence", "lff", "isolate"))
     mcci_variant_weight: float = setting(1.0, "weight of the variant's loss term", ge=0.0)
+    isolate_epoch: int = setting(1, "mcci_variant=isolate: epochs of plain MCCI before the audit's rule isolates "
+                                 "the training samples only the AIN explains, which are unlearned from then on "
+                                 "(run folder: isolation.json)", ge=1)
     grad_accumulation: int = setting(1, "micro-batches per optimiser step (Accelerate's accumulate); the effective "
                                      "batch is data.batch_size x this x processes", ge=1)
     freeze_bn_stats: bool = setting(False, "keep a pre-trained SFRN's BatchNorm running statistics (eval mode)")
@@ -317,6 +320,13 @@ def validate(cfg: Config) -> None:
         path = Path(getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
         if str(path) and path.is_file():
             raise ConfigError(f"{key}={path} is a file; name a folder")
+    if cfg.train.mcci_variant == "isolate":
+        if cfg.train.defense != "mcci":
+            raise ConfigError("train.mcci_variant=isolate needs train.defense=mcci: its isolation reads the AIN")
+        if cfg.train.isolate_epoch >= cfg.train.epochs:
+            raise ConfigError(f"train.isolate_epoch={cfg.train.isolate_epoch} must be less than train.epochs="
+                              f"{cfg.train.epochs}: isolation comes after that many epochs and unlearning after it; "
+                              "lower train.isolate_epoch or raise train.epochs")
     ratio = cfg.data.augment.ratio
     if len(ratio) != 2 or not ratio[0] <= ratio[1]:
         raise ConfigError(f"data.augment.ratio must be [low, high] with low <= high, got {list(ratio)}")
