@@ -5,7 +5,7 @@
         --config configs/cifar10_resnet18.yaml --out runs/defense-matrix-cifar10 \\
         --attacks badnets badnets:all-to-all blended wanet sig lc trojan lf ftrojan issba refool
 
-An attack is ``NAME`` (all-to-one, target 0) or ``NAME:all-to-all``; ``--attack-params FILE`` is a
+An attack is ``NAME`` (all-to-one, target ``--target``, default 0) or ``NAME:all-to-all``; ``--attack-params FILE`` is a
 YAML mapping of attack name to parameters (default: the registry's BackdoorBench defaults). Writes
 ``<out>/defense_matrix.json``, ``<out>/defense_matrix.md`` and ``<out>/defense_matrix.png`` (CA / ASR / RA / DER per attack and
 mode, and the AUROC of `mcci audit` against the recorded poison). Each attack's experiment lives in ``<out>/<attack>/`` and resumes where it stopped.
@@ -53,6 +53,10 @@ def main() -> None:
     parser.add_argument("--config", help="training config; default: the quickstart recipe")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--max-train", type=int, help="a seeded random subset of the training images")
+    parser.add_argument("--max-test", type=int, help="a seeded random subset of the test images")
+    parser.add_argument("--image-size", type=int, help="resize and centre-crop every image to N px (needed when "
+                        "the source's images differ in size)")
+    parser.add_argument("--target", type=int, default=0, help="the all-to-one target class")
     parser.add_argument("--out", default="runs/defense-matrix")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="training overrides, e.g. train.mixed_precision=bf16")
@@ -67,9 +71,10 @@ def main() -> None:
             parser.error(f"unknown attack {entry!r}; attacks: {sorted(ATTACKS)}, each optionally :all-to-all")
         clean_label = ATTACKS[attack].clean_label
         spec = BuildSpec(source=args.source, test_source=args.test_source, out="", attack=attack, mode=mode,
-                         poison_rate=CLEAN_LABEL_RATE if clean_label else DIRTY_LABEL_RATE, target=0,
-                         attack_params=attack_params.get(attack, {}),
-                         shard_size=1000 if args.test_source else 256, max_train=args.max_train)
+                         poison_rate=CLEAN_LABEL_RATE if clean_label else DIRTY_LABEL_RATE, target=args.target,
+                         attack_params=attack_params.get(attack, {}), image_size=args.image_size,
+                         shard_size=1000 if args.test_source else 256, max_train=args.max_train,
+                         max_test=args.max_test)
         print(f"=== {entry} ===", flush=True)
         results = run_experiment(Path(args.out) / entry.replace(":", "-"), spec, args.config, overrides,
                                  references=(), num_workers=args.num_workers)
@@ -79,7 +84,8 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "defense_matrix.md").write_text(markdown + "\n")
     plot_defense_matrix(rows, Path(args.out) / "defense_matrix.png")
-    write_result("defense_matrix", {"source": args.source, "max_train": args.max_train, "epochs": args.epochs,
+    write_result("defense_matrix", {"source": args.source, "max_train": args.max_train, "max_test": args.max_test,
+                                    "image_size": args.image_size, "target": args.target, "epochs": args.epochs,
                                     "attack_params_file": args.attack_params,
                                     "config": args.config,
                                     "overrides": overrides, "rows": rows}, str(Path(args.out) / "defense_matrix.json"))

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 
 from benchmarks.common import sync, timed, vit_transform, write_result
 from mcci_models import create_model
-from pipeline.components.flops import forward_flops
+from mcci_models.flops import forward_flops
 from pipeline.components.optim import build_optimizer, build_scheduler
 from pipeline.data.spectra import spectrum
 from pipeline.jobs.train import model_inputs, train_step

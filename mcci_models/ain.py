@@ -1,12 +1,18 @@
-"""The Attack Indication Network: a small CNN on the image's frequency spectrum."""
+"""The Attack Indication Network: a small CNN on the image's frequency spectrum, and the rule that
+sizes it to its SFRN."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-# Above this side length an AlexNet-like strided stem brings the spectrum down to about 56 px
-# first, so the AIN stays a small fraction of the SFRN's FLOPs at 224 px and beyond.
+from mcci_models.flops import forward_flops
+
+# Above this side length a strided stem (AlexNet's 11x11 stride 4 in the reference) brings the
+# spectrum down before the blocks, so their cost does not grow with the image.
 STEM_THRESHOLD = 64
+REFERENCE_WIDTHS = (32, 64, 128)
+MIN_WIDTH = 4
+MIN_STEM_OUTPUT = 8  # px after the stem: the three 2x pools still leave a map to pool from
 
 
 def _block(c_in: int, c_out: int, dropout: float) -> nn.Sequential:
@@ -18,21 +24,35 @@ def _block(c_in: int, c_out: int, dropout: float) -> nn.Sequential:
     )
 
 
+def stem_output(img_size: int, stride: int) -> int:
+    """Side length after a stem of ``stride`` (1: no stem)."""
+    return img_size if stride == 1 else (img_size + 2 * (stride // 2) - (2 * stride + 3)) // stride + 1
+
+
+def default_stem_stride(img_size: int) -> int:
+    """The reference: stride 4 above ``STEM_THRESHOLD`` px, no stem (1) up to it."""
+    return 4 if img_size > STEM_THRESHOLD else 1
+
+
 class AttackIndicationNetwork(nn.Module):
     """Reference AIN: three blocks of 32/64/128 channels with dropout 0.2/0.3/0.4, then a linear
-    layer to ``out_dim``. For images larger than 64 px an 11x11 stride-4 stem (as in AlexNet)
-    comes first. An adaptive pool to 4x4 keeps the linear layer the same size at any resolution.
+    layer to ``out_dim``. ``stem_stride`` > 1 puts a (2 * stride + 3)-wide strided convolution first
+    (stride 4: AlexNet's 11x11, the reference above 64 px); 0 = the reference's choice for
+    ``img_size``. An adaptive pool to 4x4 keeps the linear layer the same size at any resolution.
     """
 
     def __init__(self, img_size: int, in_chans: int = 3, out_dim: int = 100,
-                 widths: tuple[int, ...] = (32, 64, 128), dropouts: tuple[float, ...] = (0.2, 0.3, 0.4)):
+                 widths: tuple[int, ...] = REFERENCE_WIDTHS, dropouts: tuple[float, ...] = (0.2, 0.3, 0.4),
+                 stem_stride: int = 0):
         super().__init__()
         if len(widths) != len(dropouts):
             raise ValueError("ain widths and dropouts must have the same length")
+        stem_stride = stem_stride or default_stem_stride(img_size)
         layers: list[nn.Module] = []
         c = in_chans
-        if img_size > STEM_THRESHOLD:
-            layers += [nn.Conv2d(c, widths[0], 11, stride=4, padding=2), nn.ELU(), nn.BatchNorm2d(widths[0])]
+        if stem_stride > 1:
+            layers += [nn.Conv2d(c, widths[0], 2 * stem_stride + 3, stride=stem_stride, padding=stem_stride // 2),
+                       nn.ELU(), nn.BatchNorm2d(widths[0])]
             c = widths[0]
         for w, p in zip(widths, dropouts):
             layers.append(_block(c, w, p))
@@ -44,3 +64,32 @@ class AttackIndicationNetwork(nn.Module):
 
     def forward(self, spectra: torch.Tensor) -> torch.Tensor:
         return self.net(spectra)
+
+
+def size_ain(budget_flops: float, img_size: int, in_chans: int, out_dim: int, widths: tuple[int, ...],
+             dropouts: tuple[float, ...]) -> tuple[tuple[int, ...], int, int]:
+    """The AIN that fits ``budget_flops`` (forward FLOPs per image): of the candidates made by halving
+    ``widths`` (to ``MIN_WIDTH`` at least) and by doubling the stem's stride from the reference's
+    (while the stem leaves ``MIN_STEM_OUTPUT`` px), the costliest within the budget; the larger
+    widths on a tie. Returns (widths, stem stride, its FLOPs); ValueError when even the smallest
+    candidate is over the budget."""
+    strides, stride = [], default_stem_stride(img_size)
+    while stem_output(img_size, stride) >= MIN_STEM_OUTPUT:
+        strides.append(stride)
+        stride *= 2
+    candidates, scaled = [], tuple(widths)
+    while True:
+        for s in strides:
+            flops = forward_flops(AttackIndicationNetwork(img_size, in_chans, out_dim, scaled, dropouts, s),
+                                  (1, in_chans, img_size, img_size))
+            candidates.append((flops, scaled, s))
+        if min(scaled) // 2 < MIN_WIDTH:
+            break
+        scaled = tuple(w // 2 for w in scaled)
+    fitting = [c for c in candidates if c[0] <= budget_flops]
+    if not fitting:
+        smallest = min(candidates)
+        raise ValueError(f"no AIN fits {budget_flops / 1e6:.1f} MFLOPs at {img_size} px; the smallest "
+                         f"(widths {smallest[1]}, stem stride {smallest[2]}) needs {smallest[0] / 1e6:.1f}")
+    flops, chosen, s = max(fitting, key=lambda c: (c[0], c[1]))
+    return chosen, s, flops

@@ -73,6 +73,8 @@ def create_model_from_config(config: Mapping[str, Any], num_classes: int, image_
     return create_model(config["train"]["defense"], m["sfrn"], num_classes, image_size,
                         pretrained=m["pretrained"] if load_pretrained else "none", feature_dim=m["feature_dim"],
                         ain_widths=tuple(m["ain_widths"]), ain_dropouts=tuple(m["ain_dropouts"]),
+                        # absent in configs saved before these keys
+                        ain_stem_stride=m.get("ain_stem_stride", 0), drop_path_rate=m.get("drop_path_rate", 0.0),
                         in_chans=ain_in_chans(m.get("ain_view", "spectrum")), log=log)
 
 

@@ -165,11 +165,15 @@ def _timm_model(name: str, num_outputs: int, img_size: int, pretrained: bool, **
     try:
         # Resolution-aware models (ViT, DeiT, EVA, ...) take img_size and resample position
         # embeddings when loading pretrained weights; convolutional models do not take it.
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_outputs, img_size=img_size, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_outputs, img_size=img_size, **kwargs)
     except TypeError as e:
         if "img_size" not in str(e):
             raise
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_outputs, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_outputs, **kwargs)
+    # a model that takes the rate but has no stochastic depth would train without it, unsaid
+    if kwargs.get("drop_path_rate") and not any(getattr(m, "drop_prob", 0) > 0 for m in model.modules()):
+        raise ModelError(f"{name} has no stochastic depth (drop path); set model.drop_path_rate=0")
+    return model
 
 
 @contextmanager
@@ -243,7 +247,7 @@ def _source_state(name: str, pretrained: str) -> dict[str, torch.Tensor]:
 
 
 def create_sfrn(name: str, num_outputs: int, img_size: int, pretrained: str = "none",
-                log: Callable[[str], None] = print) -> nn.Module:
+                log: Callable[[str], None] = print, drop_path_rate: float = 0.0) -> nn.Module:
     """Build a timm backbone whose head outputs ``num_outputs`` values.
 
     ``pretrained``: ``"none"``, ``"hub"`` (timm's hub loading) or a weights file (safetensors, or a
@@ -252,9 +256,11 @@ def create_sfrn(name: str, num_outputs: int, img_size: int, pretrained: str = "n
     tensor (``check_loaded``); ``log`` receives the one line saying what was loaded.
     """
     _check_name(name)
+    # only when asked: the project's own small CNNs have no stochastic depth to set
+    depth = {"drop_path_rate": drop_path_rate} if drop_path_rate > 0 else {}
     if pretrained == "none":
-        return _timm_model(name, num_outputs, img_size, pretrained=False)
-    kwargs = {} if pretrained == "hub" else {"pretrained_cfg_overlay": {"file": str(_weights_path(pretrained))}}
+        return _timm_model(name, num_outputs, img_size, pretrained=False, **depth)
+    kwargs = {**depth, **({} if pretrained == "hub" else {"pretrained_cfg_overlay": {"file": str(_weights_path(pretrained))}})}
     seed = int(torch.randint(2**62, ()))  # drawn from the run's generator: train.seed still decides the head
     try:
         with _seeded(seed):
@@ -275,7 +281,7 @@ def create_sfrn(name: str, num_outputs: int, img_size: int, pretrained: str = "n
 
     def initial() -> dict[str, torch.Tensor]:
         with _seeded(seed):
-            return _timm_model(name, num_outputs, img_size, pretrained=False).state_dict()
+            return _timm_model(name, num_outputs, img_size, pretrained=False, **depth).state_dict()
 
     head = check_loaded(model, source, initial)
     loaded = sum(1 for k in model.state_dict() if k not in head and not k.endswith("num_batches_tracked"))

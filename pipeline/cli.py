@@ -83,6 +83,7 @@ def _shards_build(args: argparse.Namespace) -> None:
         poison_rate=args.poison_rate, target=args.target, mode=args.mode, seed=args.seed, image_size=args.image_size,
         attack_params=params, image_format=args.format, jpeg_quality=args.jpeg_quality,
         shard_size=args.shard_size, trusted_count=args.trusted_count, max_train=args.max_train,
+        max_test=args.max_test, crop_pct=args.crop_pct,
         workers=args.workers, overwrite=args.overwrite))
     counts = ", ".join(f"{k} {v['count']} ({v['poisoned']} poisoned)" for k, v in manifest["splits"].items())
     print(f"wrote {args.out}: {counts}")
@@ -215,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     b.add_argument("--trusted-count", type=int, default=100, help="clean training images held out as the trusted set")
     b.add_argument("--max-train", type=int, help="use a seeded random subset of N training images")
+    b.add_argument("--max-test", type=int, help="and of N test images (for quicker evaluation)")
+    b.add_argument("--crop-pct", type=float, default=1.0,
+                   help="with --image-size: resize to N / crop-pct, then centre-crop N (timm's crop_pct; "
+                        "the SFRN's pretrained config names its own, e.g. 0.875)")
     b.add_argument("--workers", type=int, default=0, help="processes (0: automatic)")
     b.add_argument("--overwrite", action="store_true", help="replace an earlier build's folder (only one with its "
                    "manifest.json and nothing foreign)")

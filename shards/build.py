@@ -72,6 +72,7 @@ class BuildSpec:
     mode: str = "all-to-one"
     seed: int = 0
     image_size: int | None = None
+    crop_pct: float = 1.0  # with image_size: resize the shorter side to image_size / crop_pct, then centre-crop
     test_source: str | None = None
     attack_params: dict[str, Any] = field(default_factory=dict)
     image_format: str = "auto"  # auto: png up to 64 px, jpeg above
@@ -79,6 +80,7 @@ class BuildSpec:
     shard_size: int = 1000
     trusted_count: int = 100
     max_train: int | None = None  # a seeded random subset of this many training images
+    max_test: int | None = None  # and of test images (both test splits come from it)
     workers: int = 0  # 0: choose from the machine and the data size
     overwrite: bool = False
 
@@ -107,14 +109,19 @@ def _validate(spec: BuildSpec) -> None:
         raise ShardBuildError(f"--shard-size must be at least 1, got {spec.shard_size}")
     if spec.image_size is not None and not 8 <= spec.image_size <= MAX_IMAGE_SIZE:
         raise ShardBuildError(f"--image-size must be in 8..{MAX_IMAGE_SIZE}, got {spec.image_size}")
+    if not 0.5 <= spec.crop_pct <= 1.0:
+        raise ShardBuildError(f"--crop-pct must be in 0.5..1 (timm's crop_pct, e.g. 0.875), got {spec.crop_pct}")
+    if spec.crop_pct != 1.0 and spec.image_size is None:
+        raise ShardBuildError("--crop-pct needs --image-size: it says how much of the resized image the crop keeps")
     if spec.seed < 0:
         raise ShardBuildError(f"--seed must be >= 0, got {spec.seed}")
     if spec.workers < 0:
         raise ShardBuildError(f"--workers must be >= 0 (0: automatic), got {spec.workers}")
     if spec.trusted_count < 0:
         raise ShardBuildError(f"--trusted-count must be >= 0, got {spec.trusted_count}")
-    if spec.max_train is not None and spec.max_train < 1:
-        raise ShardBuildError(f"--max-train must be at least 1, got {spec.max_train}")
+    for flag, value in (("--max-train", spec.max_train), ("--max-test", spec.max_test)):
+        if value is not None and value < 1:
+            raise ShardBuildError(f"{flag} must be at least 1, got {value}")
     _check_output(spec)
 
 
@@ -252,11 +259,12 @@ def _pool_results(pool: Any, jobs: list) -> Iterator[dict[str, Any]]:
                 _stop_if_signalled()
 
 
-def fit_image(image: Image.Image, size: int | None) -> np.ndarray:
-    """Resize the shorter side to ``size`` and centre-crop a square (no-op when it already fits)."""
-    if size is not None and image.size != (size, size):
+def fit_image(image: Image.Image, size: int | None, crop_pct: float = 1.0) -> np.ndarray:
+    """Resize the shorter side (bicubic, as timm's pretrained configs mostly ask) to ``size / crop_pct``
+    and centre-crop a ``size`` square: timm's evaluation transform (no-op when it already fits)."""
+    if size is not None and (image.size != (size, size) or crop_pct != 1.0):
         w, h = image.size
-        scale = size / min(w, h)
+        scale = size / crop_pct / min(w, h)
         image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
         w, h = image.size
         left, top = (w - size) // 2, (h - size) // 2
@@ -290,7 +298,7 @@ def _write_shard(job: tuple[str, str, list[_SampleSpec]]) -> dict[str, Any]:
     tmp = path + ".tmp"
     with wds.TarWriter(tmp, encoder=False, mtime=0.0) as sink:
         for s in samples:
-            pixels = fit_image(source.load(s.ref), resize_to)
+            pixels = fit_image(source.load(s.ref), resize_to, _STATE["crop_pct"])
             if pixels.shape != (size, size, 3):
                 raise ShardBuildError(f"image {s.ref} is {pixels.shape[1]}x{pixels.shape[0]}, not {size}x{size} as "
                                       "the first training image; pass --image-size N to resize every image to N px")
@@ -355,11 +363,14 @@ def _plan(spec: BuildSpec, sources: dict[str, LabelledImages], attack) -> tuple[
         label = poison_label(orig, spec, num_classes) if (poison and split == "train" and not attack.clean_label) else orig
         return _SampleSpec(f"{pos:08d}", source.refs[ref_index], label, orig, poison, int(ref_index), is_cross)
 
-    triggered_test = np.arange(len(test)) if spec.mode == "all-to-all" else np.flatnonzero(test.labels != spec.target)
+    test_pool = np.arange(len(test))
+    if spec.max_test is not None and spec.max_test < len(test_pool):
+        test_pool = np.sort(rng.choice(test_pool, size=spec.max_test, replace=False))
+    triggered_test = test_pool if spec.mode == "all-to-all" else test_pool[test.labels[test_pool] != spec.target]
     plan = {
         "train": [sample("train", p, i, train, int(i) in poisoned, int(i) in cross) for p, i in enumerate(keep)],
         "trusted": [sample("trusted", p, i, train, False) for p, i in enumerate(trusted)],
-        "test-clean": [sample("test-clean", p, i, test, False) for p, i in enumerate(range(len(test)))],
+        "test-clean": [sample("test-clean", p, i, test, False) for p, i in enumerate(test_pool)],
         "test-poisoned": [sample("test-poisoned", p, i, test, True) for p, i in enumerate(triggered_test)],
     }
     chosen = {"poisoned_indices": sorted(poisoned), "cross_indices": sorted(cross), "trusted_indices": trusted.tolist()}
@@ -370,8 +381,9 @@ def _context(spec: BuildSpec, sources: dict[str, LabelledImages], size: int, pla
              assets_dir: Path, progress: bool) -> AttackContext:
     def pixels(split: str, indices: np.ndarray) -> np.ndarray:
         source = sources[split]
-        return np.stack([fit_image(source.load(source.refs[int(i)]), size) for i in indices]) if len(indices) else \
-            np.zeros((0, size, size, 3), np.uint8)
+        if not len(indices):
+            return np.zeros((0, size, size, 3), np.uint8)
+        return np.stack([fit_image(source.load(source.refs[int(i)]), size, spec.crop_pct) for i in indices])
 
     poisoned = np.asarray(chosen["poisoned_indices"], dtype=np.int64)
     clean = np.asarray([s.index for s in plan["train"] if not s.poisoned and not s.cross], dtype=np.int64)
@@ -438,6 +450,7 @@ def _build_into(spec: BuildSpec, staging: Path, progress: bool) -> dict[str, Any
     total = sum(len(s) for s in plan.values())
     workers = spec.workers or (1 if total < 4000 else min(8, os.cpu_count() or 1))
     state = {"sources": sources, "attack": attack, "image_size": size, "resize": spec.image_size is not None,
+             "crop_pct": spec.crop_pct,
              "format": fmt, "jpeg_quality": spec.jpeg_quality}
     results = []
     with tqdm(total=total, unit="img", desc="writing shards", disable=not progress, smoothing=0.1) as bar:

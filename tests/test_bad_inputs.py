@@ -101,6 +101,7 @@ CASES = [
     (["shards", "build", "--source", "{d}", "--out", "{d}/o", "--jpeg-quality", "0"], r"--jpeg-quality must be in 1..100"),
     (["shards", "build", "--source", "{d}", "--out", "{d}/o", "--shard-size", "0"], r"--shard-size must be at least 1"),
     (["shards", "build", "--source", "{d}", "--out", "{d}/o", "--max-train", "0"], r"--max-train must be at least 1"),
+    (["shards", "build", "--source", "{d}", "--out", "{d}/o", "--max-test", "0"], r"--max-test must be at least 1"),
     (["shards", "build", "--source", "{d}", "--out", "{d}/o", "--trusted-count", "-1"], r"--trusted-count must be >= 0"),
     (["shards", "build", "--source", "{d}", "--out", "{d}/o", "--poison-rate", "nan"], r"--poison-rate must be in \(0, 1\)"),
     (["shards", "build", "--source", "/nonexistent", "--out", "{d}/afile"], r"--out .*afile is a file"),

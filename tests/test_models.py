@@ -3,7 +3,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from mcci_models import MCCI, ModelError, create_model, create_sfrn
+from mcci_models import MCCI, AttackIndicationNetwork, ModelError, create_model, create_sfrn
+from mcci_models.ain import size_ain
+from mcci_models.flops import forward_flops
 from pipeline.data.spectra import spectrum
 
 
@@ -90,3 +92,54 @@ def test_preact_resnet18_is_backdoorbenchs_architecture():
     expected = block.conv2(torch.relu(block.bn2(block.conv1(activated)))) + block.shortcut(activated)
     torch.testing.assert_close(block(x), expected)
     assert model(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_reference_ain_keeps_its_stem_and_saved_models_load():
+    """stem_stride 0 is AlexNet's 11x11 stride-4 stem above 64 px and none up to it: models saved
+    before the size rule (no ain_stem_stride in their config) rebuild the same tensors."""
+    big, small = AttackIndicationNetwork(224), AttackIndicationNetwork(32)
+    assert big.net[0].kernel_size == (11, 11) and big.net[0].stride == (4, 4) and big.net[0].padding == (2, 2)
+    assert isinstance(small.net[0], torch.nn.Sequential)  # the first block, no stem
+    assert {k: v.shape for k, v in AttackIndicationNetwork(224, stem_stride=4).state_dict().items()} == \
+        {k: v.shape for k, v in big.state_dict().items()}
+
+
+@pytest.mark.parametrize("size", [32, 128, 224])
+def test_size_ain_picks_the_costliest_candidate_within_the_budget(size):
+    reference = forward_flops(AttackIndicationNetwork(size), (1, 3, size, size))
+    budget = reference / 7  # forces a smaller AIN
+    widths, stride, flops = size_ain(budget, size, 3, 100, (32, 64, 128), (0.2, 0.3, 0.4))
+    built = AttackIndicationNetwork(size, 3, 100, widths, (0.2, 0.3, 0.4), stride)
+    assert flops == forward_flops(built, (1, 3, size, size)) <= budget
+    assert built(torch.zeros(2, 3, size, size)).shape == (2, 100)
+    # nothing cheaper-than-budget but costlier than the choice among the neighbours: twice the widths,
+    # or half the stride, is over the budget (or not a candidate)
+    wider = AttackIndicationNetwork(size, 3, 100, tuple(2 * w for w in widths), (0.2, 0.3, 0.4), stride)
+    assert forward_flops(wider, (1, 3, size, size)) > budget
+    assert size_ain(reference, size, 3, 100, (32, 64, 128), (0.2, 0.3, 0.4))[:2] == ((32, 64, 128),
+                                                                                    4 if size > 64 else 1)
+    with pytest.raises(ValueError, match="no AIN fits"):
+        size_ain(1e3, size, 3, 100, (32, 64, 128), (0.2, 0.3, 0.4))
+
+
+def test_ain_budget_sizes_the_trained_model_and_the_saved_config_describes_it(tiny_shards, tmp_path):
+    from pipeline.cli import main
+    from pipeline.components.models import load_trained
+    from conftest import TINY_TRAIN
+
+    main(["train", f"data.shards={tiny_shards}", f"train.out={tmp_path / 'run'}", *TINY_TRAIN,
+          "model.sfrn=mcci_convnet_small", "model.ain_widths=[32,64,128]", "model.ain_budget=0.05"])
+    model, cfg, _ = load_trained(tmp_path / "run", torch.device("cpu"))
+    sfrn, ain = forward_flops(model.sfrn, (1, 3, 32, 32)), forward_flops(model.ain, (1, 3, 32, 32))
+    assert ain <= 0.05 * sfrn
+    assert cfg.model.ain_budget == 0 and cfg.model.ain_widths != (32, 64, 128)  # sized once, saved as built
+
+
+def test_an_ain_budget_nothing_fits_is_a_config_error(tiny_shards, tmp_path):
+    from pipeline.cli import main
+    from conftest import TINY_TRAIN
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train", f"data.shards={tiny_shards}", f"train.out={tmp_path / 'run'}", *TINY_TRAIN,
+              "model.ain_budget=0.0001"])
+    assert stop.value.code == 2

@@ -84,7 +84,7 @@ arg_text = st.one_of(st.text(min_size=1, max_size=10).filter(lambda t: "\x00" no
 COMMANDS = {  # the options each command takes, after arguments naming paths that do not exist
     "shards build --source /nonexistent/src --out {d}/out": ["--poison-rate", "--target", "--seed", "--image-size",
                                                              "--jpeg-quality", "--shard-size", "--trusted-count",
-                                                             "--max-train", "--workers", "--attack", "--mode",
+                                                             "--max-train", "--max-test", "--workers", "--attack", "--mode",
                                                              "--format", "--param", "--test-source"],
     "eval --checkpoint /nonexistent/run --shards /nonexistent/shards": ["--batch-size", "--num-workers", "--device",
                                                                         "--reference", "--out"],

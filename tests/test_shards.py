@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from shards.build import BuildSpec, build_shards
+from shards.build import BuildSpec, build_shards, fit_image
 from shards.errors import ShardBuildError
 
 from conftest import make_image_tree
@@ -107,6 +107,16 @@ def test_max_train_takes_a_seeded_subset(image_tree, tmp_path):
     assert m["splits"]["train"]["count"] == 18 and m["splits"]["test-clean"]["count"] == 12
     indices = {json.loads(s["json"])["index"] for s in _samples(tmp_path / "o", "train")} | set(m["trusted_indices"])
     assert len(indices) == 20 and indices <= set(range(36))
+
+
+def test_max_test_takes_a_seeded_subset_for_both_test_splits(image_tree, tmp_path):
+    m = build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "o"), max_test=5, trusted_count=2,
+                               poison_rate=0.25), progress=False)
+    clean = {json.loads(s["json"])["index"] for s in _samples(tmp_path / "o", "test-clean")}
+    triggered = [json.loads(s["json"]) for s in _samples(tmp_path / "o", "test-poisoned")]
+    assert m["splits"]["test-clean"]["count"] == 5 and len(clean) == 5 and clean <= set(range(12))
+    # the triggered split is the same subset less the target class's images
+    assert {t["index"] for t in triggered} == {i for i in clean if i // 4 != 0} and all(t["orig_label"] != 0 for t in triggered)
 
 
 def test_resize_and_jpeg_option(image_tree, tmp_path):
@@ -355,3 +365,18 @@ def test_fingerprint_follows_the_content(tiny_shards):
     changed = json.loads(json.dumps(manifest))
     changed["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
     assert fingerprint(changed) != fingerprint(manifest)
+
+
+def test_crop_pct_keeps_the_centre_as_timms_eval_transform_does(tmp_path):
+    """A 64 px image, white inside its central 32 px, black outside: crop_pct 0.5 at 16 px keeps only the
+    white centre; crop_pct 1 keeps the black border too. Recorded in the manifest for predict."""
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[16:48, 16:48] = 255
+    image = Image.fromarray(pixels)
+    assert fit_image(image, 16, 0.5).min() > 200
+    assert fit_image(image, 16, 1.0)[0, 0].max() < 50
+    with pytest.raises(ShardBuildError, match="--crop-pct needs --image-size"):
+        build_shards(BuildSpec(source="embedded:digits", out=str(tmp_path / "o"), crop_pct=0.875), progress=False)
+    m = build_shards(BuildSpec(source="embedded:digits", out=str(tmp_path / "o"), image_size=16, crop_pct=0.875,
+                               max_train=200, max_test=50), progress=False)
+    assert m["build"]["crop_pct"] == 0.875

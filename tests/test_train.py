@@ -170,6 +170,8 @@ def test_a_non_finite_loss_stops_with_exit_2_naming_the_step(tiny_shards, tmp_pa
 @pytest.mark.parametrize("overrides, message", [
     (["reference.count=50"], "reference.count=50 is more than the 6 images of reference.source='trusted'"),
     (["reference.source=test-clean", "reference.count=13"], "more than the 12 images"),
+    (["data.augment.mixup_alpha=0.2", "data.batch_size=7"], "data.batch_size must be even, got 7"),
+    (["data.augment.cutmix_alpha=1.0", "train.mcci_variant=lff"], "train.mcci_variant=lff needs each sample's own"),
 ])
 def test_data_dependent_settings_are_refused_before_training(tiny_shards, tmp_path, capsys, overrides, message):
     with pytest.raises(SystemExit) as stop:
@@ -328,3 +330,37 @@ def test_frozen_bn_stats_reach_the_sfrn_inside_a_ddp_style_wrapper():
     norms = {name: m.training for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert norms and not any(t for n, t in norms.items() if n.startswith("sfrn."))
     assert all(t for n, t in norms.items() if n.startswith("ain."))  # the AIN's statistics still learn
+
+
+def test_mixup_mixes_pixels_before_the_spectrum_and_trains(tiny_shards, tmp_path):
+    """timm's Mixup in batch mode: image i becomes lam * x_i + (1 - lam) * x_(B-1-i), its label the same
+    mix of one-hots (smoothed by label_smoothing), and the AIN's spectrum is that of the mixed pixels."""
+    from pipeline.components.models import build_transform
+    from pipeline.data.spectra import spectrum
+
+    cfg = load_config(None, ["data.augment.hflip=false", "data.augment.mixup_alpha=1.0", "optim.label_smoothing=0",
+                             "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"])
+    transform = build_transform(cfg, num_classes=3)
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 1])
+    inputs = transform(pixels, train=True, labels=labels)
+    lam = float(inputs.targets[0, 0])  # sample 0 (label 0) is mixed with sample 3 (label 1)
+    assert 0 < lam < 1 and torch.allclose(inputs.targets.sum(1), torch.ones(4))
+    expected = lam * pixels.float() + (1 - lam) * pixels.float().flip(0)
+    torch.testing.assert_close(inputs.images, expected / 127.5 - 1, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(inputs.spectra, spectrum(expected), atol=1e-3, rtol=1e-3)
+    assert transform(pixels, train=False, labels=labels).targets is None  # evaluation never mixes
+    main(["train", f"data.shards={tiny_shards}", f"train.out={tmp_path / 'mixed'}", *TINY_TRAIN,
+          "data.augment.mixup_alpha=0.2", "data.augment.cutmix_alpha=1.0"])
+    assert (tmp_path / "mixed" / "model" / "model.safetensors").exists()
+
+
+def test_drop_path_reaches_timms_blocks_and_is_refused_where_there_is_none():
+    from mcci_models import ModelError
+
+    model = create_model("mcci", "vit_tiny_patch16_224", 3, 32, drop_path_rate=0.2)
+    rates = [m.drop_prob for m in model.sfrn.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.2)  # timm's linear rule: the last block drops most
+    with pytest.raises(ModelError, match="no stochastic depth"):
+        create_model("none", "mcci_convnet_tiny", 3, 32, drop_path_rate=0.1)

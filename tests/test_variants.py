@@ -177,6 +177,15 @@ def test_the_lowpass_view_is_the_ains_extra_channels_and_the_saved_model_rebuild
                 if isinstance(m, nn.Conv2d)).in_channels == 3
 
 
+def test_the_ain_size_rule_counts_the_views_channels():
+    from mcci_models.flops import forward_flops
+
+    cfg = _lowpass_config("model.ain_widths=[32,64,128]", "model.ain_budget=0.3")
+    model = build_model(cfg, 3, 32, load_pretrained=False)
+    assert next(m for m in model.ain.modules() if isinstance(m, nn.Conv2d)).in_channels == 6
+    assert forward_flops(model.ain, (1, 6, 32, 32)) <= 0.3 * forward_flops(model.sfrn, (1, 3, 32, 32))
+
+
 def test_a_lowpass_model_trains_end_to_end_and_eval_audit_export_rebuild_it(tiny_shards, tmp_path):
     out = tmp_path / "lowpass"
     main(["train", f"data.shards={tiny_shards}", f"train.out={out}", *TINY_TRAIN, "model.ain_view=spectrum+lowpass",

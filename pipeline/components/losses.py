@@ -69,8 +69,13 @@ def unlearning_loss(parts: MCCIParts, labels: torch.Tensor, flagged: torch.Tenso
 def training_loss(model: nn.Module, inputs: ModelInputs, labels: torch.Tensor, label_smoothing: float = 0.0,
                   variant: str = "none", weight: float = 1.0, flagged: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the model as trained (MCCI with each input's own spectrum), plus the variant term.
+    A mixed batch (``inputs.targets``, already smoothed by timm's Mixup) is scored against its soft labels.
     ``flagged`` (``isolate`` after its switch): a bool mask of the batch's isolated samples; before the
     switch (None) ``isolate`` is plain MCCI."""
+    if inputs.targets is not None:
+        if variant != "none":
+            raise ValueError("the MCCI variants need each sample's own label; mixup/cutmix give soft labels")
+        labels, label_smoothing = inputs.targets, 0.0
     if inputs.spectra is None:
         return F.cross_entropy(model(inputs.images).float(), labels, label_smoothing=label_smoothing)
     if variant == "none" or (variant == "isolate" and flagged is None):

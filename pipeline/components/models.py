@@ -9,11 +9,11 @@ import torch
 from accelerate import PartialState
 from torch import nn
 
-from mcci_models import create_model_from_config, load_saved_model, sfrn_data_config
+from mcci_models import ain_in_chans, create_model_from_config, fit_ain, load_saved_model, sfrn_data_config
 from pipeline.data.manifest import fingerprint, load_manifest
-from pipeline.data.transforms import InputTransform
+from pipeline.data.transforms import InputTransform, build_mixup
 from pipeline.support.config import Config, from_dict, to_dict
-from pipeline.support.errors import JobError
+from pipeline.support.errors import ConfigError, JobError
 
 
 def fill_input_stats(cfg: Config) -> None:
@@ -26,24 +26,43 @@ def fill_input_stats(cfg: Config) -> None:
         cfg.data.std = cfg.data.std or tuple(data["std"])
 
 
+def fit_ain_to_budget(cfg: Config, image_size: int) -> None:
+    """With ``model.ain_budget`` > 0, replace ``model.ain_widths``/``ain_stem_stride`` in place by the
+    sizes that fit it and set the budget to 0: the config then describes the network built, and a
+    saved model loads without counting FLOPs again (a newer torch may count differently)."""
+    if cfg.model.ain_budget > 0 and cfg.train.defense == "mcci":
+        m = cfg.model
+        try:
+            m.ain_widths, m.ain_stem_stride, line = fit_ain(m.ain_budget, m.sfrn, image_size, m.feature_dim,
+                                                            m.ain_widths, m.ain_dropouts, ain_in_chans(m.ain_view))
+        except ValueError as e:
+            raise ConfigError(f"model.ain_budget={m.ain_budget}: {e}; raise the budget or set it to 0") from e
+        m.ain_budget = 0.0
+        PartialState().print(line)
+
+
 def build_model(cfg: Config, num_classes: int, image_size: int, load_pretrained: bool = True) -> nn.Module:
     """The network the config describes; ``load_pretrained=False`` for one whose weights come from
-    a saved model (no hub download, no weights file). Fills unset input statistics (``fill_input_stats``)."""
+    a saved model (no hub download, no weights file). Fills unset input statistics (``fill_input_stats``)
+    and sizes the AIN to ``model.ain_budget`` (``fit_ain_to_budget``)."""
     fill_input_stats(cfg)
+    fit_ain_to_budget(cfg, image_size)
     return create_model_from_config(to_dict(cfg), num_classes, image_size, load_pretrained,
                                     log=PartialState().print)  # what was loaded, once per job
 
 
 def build_transform(cfg: Config, seed: int = 0, spectra: bool = True,
-                    device: torch.device | str = "cpu") -> InputTransform:
+                    device: torch.device | str = "cpu", num_classes: int | None = None) -> InputTransform:
     """``spectra=False`` for jobs that only run mind control, which never reads an input's spectrum;
-    ``device``: where training batches will be, for the augmentation's random numbers. The AIN's input
-    is the view ``model.ain_view`` names, as the model was built for (``ain_in_chans``)."""
+    ``device``: where training batches will be, for the augmentation's random numbers; ``num_classes``:
+    for training, where mixup/cutmix (when configured) make soft labels. The AIN's input is the view
+    ``model.ain_view`` names, as the model was built for (``ain_in_chans``)."""
     fill_input_stats(cfg)
+    mixup = None if num_classes is None else build_mixup(cfg.data.augment, num_classes, cfg.optim.label_smoothing)
     lowpass = cfg.model.ain_lowpass_size if cfg.model.ain_view == "spectrum+lowpass" else None
     return InputTransform(cfg.data.mean, cfg.data.std, cfg.data.augment, cfg.spectrum.normalisation,
                           cfg.spectrum.backend, with_spectra=spectra and cfg.train.defense == "mcci", seed=seed,
-                          channels_last=cfg.train.channels_last, device=device, lowpass=lowpass)
+                          channels_last=cfg.train.channels_last, device=device, mixup=mixup, lowpass=lowpass)
 
 
 def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -53,6 +72,7 @@ def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
             "num_classes": manifest["num_classes"], "image_size": manifest["image_size"],
             "target": manifest["target"], "mode": manifest.get("mode", "all-to-one"),
             "attack": manifest["attack"]["name"], "data_fingerprint": fingerprint(manifest), "reference": None,
+            "crop_pct": manifest.get("build", {}).get("crop_pct", 1.0),  # how predict fits a new image
             "sfrn_input": sfrn_data_config(cfg.model.sfrn)}
 
 

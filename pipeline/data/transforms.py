@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
 
 from pipeline.data.spectra import spectrum
 from pipeline.support.config import AugmentConfig
@@ -96,6 +97,16 @@ class ModelInputs:
     images: torch.Tensor  # normalised for the SFRN
     # the AIN's input (None for the baseline): normalised spectra, and with a low-pass view its channels after
     spectra: torch.Tensor | None
+    targets: torch.Tensor | None = None  # soft labels of a mixed batch (mixup/cutmix), else None
+
+
+def build_mixup(cfg: AugmentConfig, num_classes: int, label_smoothing: float) -> Mixup | None:
+    """timm's Mixup (batch mode) when ``mixup_alpha`` or ``cutmix_alpha`` is set; it smooths the soft
+    labels it makes, so the loss adds no smoothing of its own for mixed batches."""
+    if cfg.mixup_alpha == 0 and cfg.cutmix_alpha == 0:
+        return None
+    return Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mix_prob,
+                 switch_prob=cfg.mix_switch_prob, label_smoothing=label_smoothing, num_classes=num_classes)
 
 
 class InputTransform:
@@ -104,7 +115,7 @@ class InputTransform:
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], augment_cfg: AugmentConfig,
                  normalisation: str, backend: str, with_spectra: bool, seed: int = 0, channels_last: bool = False,
-                 device: torch.device | str = "cpu", lowpass: int | None = None):
+                 device: torch.device | str = "cpu", mixup: Mixup | None = None, lowpass: int | None = None):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std).view(1, -1, 1, 1) * 255.0
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -113,12 +124,18 @@ class InputTransform:
         # on the device the batches are on: augmentation draws its numbers there, never copies them
         self.generator = torch.Generator(device).manual_seed(seed)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mixup = mixup
         self.lowpass = lowpass
 
-    def __call__(self, images_uint8: torch.Tensor, train: bool) -> ModelInputs:
+    def __call__(self, images_uint8: torch.Tensor, train: bool, labels: torch.Tensor | None = None) -> ModelInputs:
+        """``labels``: with mixup/cutmix on, a training batch is mixed (after augmentation, before the
+        spectrum) and its soft labels returned as ``targets``."""
         pixels = images_uint8.float()
+        targets = None
         if train:
             pixels = augment(pixels, self.augment_cfg, self.generator)
+            if self.mixup is not None and labels is not None:
+                pixels, targets = self.mixup(pixels, labels)
         spectra = spectrum(pixels, self.normalisation, self.backend) if self.with_spectra else None
         if pixels.device not in self._on_device:  # copied once, not every batch
             self._on_device[pixels.device] = (self.mean.to(pixels.device), self.std.to(pixels.device))
@@ -127,7 +144,8 @@ class InputTransform:
         if spectra is not None and self.lowpass is not None:
             spectra = torch.cat([spectra, lowpass_view(images, self.lowpass)], dim=1)
         images = images.contiguous(memory_format=self.memory_format)
-        return ModelInputs(images, None if spectra is None else spectra.contiguous(memory_format=self.memory_format))
+        return ModelInputs(images, None if spectra is None else spectra.contiguous(memory_format=self.memory_format),
+                           targets)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

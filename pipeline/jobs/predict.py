@@ -55,7 +55,7 @@ def predict(checkpoint: str | Path, paths: list[str], top_k: int = 1, batch_size
     transform = build_transform(cfg, spectra=False)  # mind control: no spectrum to compute
     records = []
     for chunk in _chunks(image_files(paths), batch_size):
-        pixels = np.stack([fit_image(open_image_file(str(f)), size) for f in chunk])
+        pixels = np.stack([fit_image(open_image_file(str(f)), size, meta.get("crop_pct", 1.0)) for f in chunk])
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(dev)
         probabilities = model(transform(images, train=False).images).float().softmax(1)  # MCCI: mind control
         top = probabilities.topk(top_k, dim=1)

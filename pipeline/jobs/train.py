@@ -22,14 +22,14 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
-from mcci_models import MCCI
+from mcci_models import MCCI, sfrn_data_config
+from mcci_models.flops import forward_flops
 from mcci_models.saved import MODEL_DIR
 from pipeline.components.checkpoint import (TRAINER_STATE, checkpoint_dirs, load_training_state, save_model,
                                            save_training_state)
 from pipeline.components.distributed import (configure_deepspeed, deepspeed_input_dtype, resolve_mixed_precision,
                                              seed_rank_randomness, shards_parameters)
 from pipeline.components.evaluation import set_model_reference
-from pipeline.components.flops import forward_flops
 from pipeline.components.isolation import ISOLATION, describe_isolation, isolate
 from pipeline.components.losses import training_loss
 from pipeline.components.models import build_model, build_transform, model_meta
@@ -50,12 +50,15 @@ from pipeline.support.report import write_json, write_text
 TRAIN_LOG = "train_log.jsonl"
 
 
-def model_inputs(transform: InputTransform, images: torch.Tensor, dtype: torch.dtype | None) -> ModelInputs:
-    """Augmented SFRN input and spectrum (always computed in fp32), cast to ``dtype`` when given."""
-    inputs = transform(images, train=True)
+def model_inputs(transform: InputTransform, images: torch.Tensor, dtype: torch.dtype | None,
+                 labels: torch.Tensor | None = None) -> ModelInputs:
+    """Augmented (and, with ``labels`` and mixup on, mixed) SFRN input and spectrum (always computed in
+    fp32), cast to ``dtype`` when given."""
+    inputs = transform(images, train=True, labels=labels)
     if dtype is None:
         return inputs
-    return ModelInputs(inputs.images.to(dtype), None if inputs.spectra is None else inputs.spectra.to(dtype))
+    return ModelInputs(inputs.images.to(dtype), None if inputs.spectra is None else inputs.spectra.to(dtype),
+                       inputs.targets)
 
 
 def train_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
@@ -127,6 +130,17 @@ def _describe(model: nn.Module, image_size: int, accelerator: Accelerator) -> No
                           f"{flops / 1e9:.3f} GFLOPs/image")
 
 
+def _note_pretrained_input(cfg: Config, manifest: dict[str, Any], accelerator: Accelerator) -> None:
+    """A pre-trained SFRN saw its images cut one way (timm's crop_pct); say so when the shards differ."""
+    if cfg.model.pretrained == "none":
+        return
+    expected = sfrn_data_config(cfg.model.sfrn).get("crop_pct", 1.0)
+    built = manifest.get("build", {}).get("crop_pct", 1.0)
+    if abs(expected - built) > 1e-6:
+        accelerator.print(f"note: the shards were cut with crop_pct {built:g}; {cfg.model.sfrn}'s pretrained "
+                          f"config uses {expected:g} (`mcci shards build --crop-pct {expected:g}` matches it)")
+
+
 def _restore_augment_rng(transform: InputTransform, states: list, accelerator: Accelerator) -> None:
     """This rank's augmentation RNG from a checkpoint's per-rank states (older checkpoints hold one)."""
     if states and isinstance(states[0], int):
@@ -157,6 +171,7 @@ def train(cfg: Config) -> Path:
     model = build_model(cfg, manifest["num_classes"], manifest["image_size"])
     if accelerator.is_main_process:
         _describe(model, manifest["image_size"], accelerator)
+        _note_pretrained_input(cfg, manifest, accelerator)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile != "no":
@@ -183,7 +198,7 @@ def train(cfg: Config) -> Path:
     seed_rank_randomness(cfg.train.seed, accelerator.process_index)
     input_dtype = deepspeed_input_dtype(accelerator)
     transform = build_transform(cfg, seed=cfg.train.seed * 1000 + accelerator.process_index,
-                                device=accelerator.device)
+                                device=accelerator.device, num_classes=manifest["num_classes"])
     loss_fn = partial(training_loss, label_smoothing=cfg.optim.label_smoothing, variant=cfg.train.mcci_variant,
                       weight=cfg.train.mcci_variant_weight)
     decode = resolve_decode(cfg.data.decode, manifest["image_format"], accelerator.device)
@@ -276,7 +291,7 @@ def train(cfg: Config) -> Path:
         # After a mid-epoch resume, replay the epoch's seeded stream up to where the checkpoint was
         # taken: the data order (and so the result) matches an uninterrupted run.
         for batch in device_batches(itertools.islice(loader, step - epoch * steps, None), accelerator.device):
-            inputs = model_inputs(transform, batch.images, input_dtype)
+            inputs = model_inputs(transform, batch.images, input_dtype, batch.labels)
             # after the isolation switch, the loss unlearns the batch's isolated samples
             step_loss = loss_fn if flagged is None else partial(loss_fn, flagged=torch.isin(batch.indices, flagged))
             loss, grad_norm = train_step(accelerator, model, optimizer, scheduler, inputs, batch.labels,

@@ -42,6 +42,12 @@ class AugmentConfig:
                                "[scale_min, 1] (1: no crop)", gt=0.0, le=1.0)
     ratio: tuple[float, float] = setting((3 / 4, 4 / 3), "random-resized crop: width/height log-uniform in this range",
                                          gt=0.0)
+    # timm's Mixup, on the augmented pixels before the spectrum: the AIN sees the mixed image too
+    mixup_alpha: float = setting(0.0, "mixup's Beta(alpha, alpha) (timm's Mixup; 0: off)", ge=0.0)
+    cutmix_alpha: float = setting(0.0, "cutmix's Beta(alpha, alpha) (timm's Mixup; 0: off)", ge=0.0)
+    mix_prob: float = setting(1.0, "share of batches mixed when mixup or cutmix is on", ge=0.0, le=1.0)
+    mix_switch_prob: float = setting(0.5, "with both on: the share of mixed batches that use cutmix",
+                                     ge=0.0, le=1.0)
 
 
 @dataclass
@@ -74,11 +80,18 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     sfrn: str = setting("mcci_convnet_small", "the SFRN: any timm model name")
+    drop_path_rate: float = setting(0.0, "stochastic depth of the SFRN (timm's drop_path_rate; e.g. 0.1 for ViT-B "
+                                    "fine-tuning)", ge=0.0, lt=1.0)
     pretrained: str = setting("none", "none | hub (timm's hub loading, needs the network) | a weights file "
                               "(.safetensors, .pth): loaded, then checked tensor by tensor")
     feature_dim: int = setting(100, "SFRN and AIN output size before the fusion layer", ge=1)
     ain_widths: tuple[int, ...] = setting((32, 64, 128), "channels of the AIN's convolution blocks", ge=1)
     ain_dropouts: tuple[float, ...] = setting((0.2, 0.3, 0.4), "dropout after each AIN block", ge=0.0, lt=1.0)
+    ain_stem_stride: int = setting(0, "stride of the AIN's first, strided convolution; 0: the reference "
+                                   "(4 above 64 px, none up to 64)", ge=0)
+    ain_budget: float = setting(0.0, "> 0: shrink the AIN (widths halved, stem stride doubled) to at most this fraction "
+                                "of the SFRN's forward FLOPs; the sizes chosen replace ain_widths and "
+                                "ain_stem_stride in the saved config. 0: as the keys say", ge=0.0, lt=1.0)
     ain_view: str = setting("spectrum", "what the AIN sees: the image's spectrum; spectrum+lowpass: also the SFRN's "
                             "input low-passed (3 more channels), where smooth image-wide triggers live "
                             "(docs/VARIANTS.md)", choices=AIN_VIEWS)
