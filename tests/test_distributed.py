@@ -76,8 +76,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_shards, tmp_path)
                               stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 240
     while time.time() < deadline:
-        done = [int(p.name[5:]) for p in (tmp_path / "killed" / "checkpoints").glob("step-*")
-                if (p / "trainer.json").exists()] if (tmp_path / "killed" / "checkpoints").exists() else []
+        root = tmp_path / "killed" / "checkpoints"
+        done = [int(p.name[5:]) for p in root.glob("step-*")  # step-N.tmp: a checkpoint still being written
+                if (p / "trainer.json").exists() and not p.name.endswith(".tmp")] if root.exists() else []
         if done and max(done) >= 6:
             break
         time.sleep(0.02)
