@@ -11,6 +11,17 @@ from mcci_models.mcci import MCCI
 from mcci_models.sfrn import create_sfrn
 
 DEFENSES = ("mcci", "none")
+# What the AIN sees (``model.ain_view``): the image's spectrum alone, or with a low-passed copy of the image
+# beside it (pipeline/data/transforms.py computes both), channels stacked.
+AIN_VIEWS = ("spectrum", "spectrum+lowpass")
+
+
+def ain_in_chans(view: str, image_chans: int = 3) -> int:
+    """Channels of the AIN's input for ``view``: the spectrum's (one per image channel), and as many again
+    for the low-pass image."""
+    if view not in AIN_VIEWS:
+        raise ValueError(f"unknown AIN view {view!r}; choose one of {AIN_VIEWS}")
+    return image_chans * (2 if view == "spectrum+lowpass" else 1)
 
 
 def create_model(defense: str, sfrn: str, num_classes: int, img_size: int, *, pretrained: str = "none",
@@ -37,7 +48,8 @@ def fit_ain(budget: float, sfrn: str, img_size: int, feature_dim: int, ain_width
             ain_dropouts: tuple[float, ...], in_chans: int = 3) -> tuple[tuple[int, ...], int, str]:
     """The AIN widths and stem stride whose forward FLOPs are at most ``budget`` times the SFRN's
     (``size_ain``), and a line saying what was chosen."""
-    sfrn_flops = forward_flops(create_sfrn(sfrn, feature_dim, img_size), (1, in_chans, img_size, img_size))
+    # the SFRN reads the RGB image whatever the AIN's view adds to the AIN's input (``in_chans``)
+    sfrn_flops = forward_flops(create_sfrn(sfrn, feature_dim, img_size), (1, 3, img_size, img_size))
     widths, stride, flops = size_ain(budget * sfrn_flops, img_size, in_chans, feature_dim, tuple(ain_widths),
                                      tuple(ain_dropouts))
     return widths, stride, (f"AIN sized to {budget:.0%} of the SFRN's {sfrn_flops / 1e9:.3f} GFLOPs at {img_size} px: "

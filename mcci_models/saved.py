@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from mcci_models.factory import create_model
+from mcci_models.factory import ain_in_chans, create_model
 from mcci_models.sfrn import ModelError
 
 MODEL_DIR = "model"
@@ -67,14 +67,15 @@ def read_saved_model(directory: str | Path) -> tuple[dict[str, Any], dict[str, A
 def create_model_from_config(config: Mapping[str, Any], num_classes: int, image_size: int,
                              load_pretrained: bool = True, log: Callable[[str], None] = print) -> nn.Module:
     """The network a job config describes (its ``model`` section and ``train.defense``);
-    ``load_pretrained=False`` for one whose weights come from a saved model."""
+    ``load_pretrained=False`` for one whose weights come from a saved model. The AIN's input channels follow
+    ``model.ain_view`` (models saved before it existed saw the spectrum alone)."""
     m = config["model"]
     return create_model(config["train"]["defense"], m["sfrn"], num_classes, image_size,
                         pretrained=m["pretrained"] if load_pretrained else "none", feature_dim=m["feature_dim"],
                         ain_widths=tuple(m["ain_widths"]), ain_dropouts=tuple(m["ain_dropouts"]),
                         # absent in configs saved before these keys
                         ain_stem_stride=m.get("ain_stem_stride", 0), drop_path_rate=m.get("drop_path_rate", 0.0),
-                        log=log)
+                        in_chans=ain_in_chans(m.get("ain_view", "spectrum")), log=log)
 
 
 def load_saved_model(directory: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:

@@ -76,8 +76,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_shards, tmp_path)
                               stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 240
     while time.time() < deadline:
-        done = [int(p.name[5:]) for p in (tmp_path / "killed" / "checkpoints").glob("step-*")
-                if (p / "trainer.json").exists()] if (tmp_path / "killed" / "checkpoints").exists() else []
+        root = tmp_path / "killed" / "checkpoints"
+        done = [int(p.name[5:]) for p in root.glob("step-*")  # step-N.tmp: a checkpoint still being written
+                if (p / "trainer.json").exists() and not p.name.endswith(".tmp")] if root.exists() else []
         if done and max(done) >= 6:
             break
         time.sleep(0.02)
@@ -114,6 +115,31 @@ def test_two_rank_resume_from_a_mid_run_checkpoint_matches_the_uninterrupted_run
     b = load_file(str(tmp_path / "crashed" / "model" / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_two_ranks_isolate_their_shares_and_flag_what_one_process_flags(tiny_shards, tmp_path):
+    """train.mcci_variant=isolate under DDP: each rank scores its shards and the flagged sets are gathered, so the
+    set every rank unlearns is the one a single process finds with the same weights (the checkpoint written
+    right after the switch holds them, and the reference the switch set)."""
+    from pipeline.components.isolation import flagged_indices
+    from pipeline.components.models import build_model, build_transform
+    from pipeline.components.scoring import score_samples
+    from pipeline.data.manifest import load_manifest
+    from pipeline.support.config import load_config
+
+    run = [f"data.shards={tiny_shards}", *TINY_TRAIN, "data.batch_size=4", "train.mcci_variant=isolate",
+           "train.epochs=5", "train.isolate_epoch=4", "train.eval_every=0", "train.keep_checkpoints=10"]
+    torchrun(2, "-m", "pipeline.train", f"train.out={tmp_path / 'run'}", *run)
+    record = json.loads((tmp_path / "run" / "isolation.json").read_text())
+    assert record["samples"] == 42 and record["step"] == 20  # every training sample once, over 5 shards on 2 ranks
+    switch = tmp_path / "run" / "checkpoints" / "step-00000020"
+    assert json.loads((switch / "trainer.json").read_text())["isolation"] == record
+    cfg = load_config(None, run)
+    model = build_model(cfg, 3, 32, load_pretrained=False)
+    model.load_state_dict(load_file(str(switch / "model.safetensors")))
+    rows = score_samples(model.eval(), str(tiny_shards), load_manifest(str(tiny_shards)), "train", build_transform(cfg),
+                         torch.device("cpu"), 16, 0)
+    assert flagged_indices(rows) == record["flagged_indices"]
 
 
 def test_each_rank_restores_its_own_augmentation_stream():

@@ -6,7 +6,8 @@ from torch import nn
 
 from conftest import TINY_TRAIN
 from mcci_models import create_model
-from pipeline.components.losses import generalised_cross_entropy, hsic, lff_weights, training_loss
+from mcci_models.mcci import MCCIParts
+from pipeline.components.losses import generalised_cross_entropy, hsic, lff_weights, training_loss, unlearning_loss
 from pipeline.data.transforms import ModelInputs
 
 
@@ -70,6 +71,36 @@ def test_lff_term_is_the_weighted_sfrn_loss_plus_the_ains_gce():
     expected = (F.cross_entropy(parts.logits, labels) + 0.5 * ((lff_weights(sfrn_ce, ain_ce) * sfrn_ce).mean()
                                                               + generalised_cross_entropy(parts.ain_logits, labels).mean()))
     assert training_loss(model, inputs, labels, variant="lff", weight=0.5).item() == pytest.approx(expected.item())
+
+
+def test_isolate_unlearns_flagged_samples_on_the_sfrn_alone_bounded_at_chance():
+    model = _tiny_mcci().eval()
+    inputs, labels = _inputs()
+    flagged = torch.tensor([True, False, True, False, False, False])
+    parts = model(inputs.images, inputs.spectra, return_parts=True)
+    fused = F.cross_entropy(parts.logits, labels, reduction="none")
+    sfrn = F.cross_entropy(parts.sfrn_logits, labels, reduction="none").clamp(max=torch.log(torch.tensor(3.0)))
+    expected = torch.where(flagged, -0.5 * sfrn, fused).mean()
+    got = training_loss(model, inputs, labels, variant="isolate", weight=0.5, flagged=flagged)
+    assert got.item() == pytest.approx(expected.item())
+    # before the switch (no flagged set) the variant is plain MCCI
+    assert training_loss(model, inputs, labels, variant="isolate").item() == pytest.approx(
+        training_loss(model, inputs, labels).item())
+
+    # the sign and the bound, on logits made by hand: 3 classes, label 0
+    sfrn_logits = torch.tensor([[1.0, 0.0, 0.0], [-3.0, 0.0, 0.0], [1.0, 0.0, 0.0]], requires_grad=True)
+    logits = torch.zeros(3, 3, requires_grad=True)
+    hand = MCCIParts(logits, torch.zeros(3, 1), torch.zeros(3, 1), sfrn_logits, torch.zeros(3, 3))
+    unlearning_loss(hand, torch.zeros(3, dtype=torch.long), torch.tensor([True, True, False])).backward()
+    assert sfrn_logits.grad[0, 0] > 0  # ascent: a descent step lowers the SFRN's logit of the flagged label
+    assert torch.equal(sfrn_logits.grad[1], torch.zeros(3))  # already below chance (CE > log 3): no push
+    assert torch.equal(sfrn_logits.grad[2], torch.zeros(3)) and torch.equal(logits.grad[:2], torch.zeros(2, 3))
+    assert logits.grad[2, 0] < 0  # a sample not flagged: the fused cross-entropy as usual
+
+    # every sample flagged: the AIN gets no gradient, the SFRN does
+    training_loss(model, inputs, labels, variant="isolate", flagged=torch.ones(6, dtype=torch.bool)).backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.ain.parameters())
+    assert model.sfrn.features[0].weight.grad.abs().sum() > 0
 
 
 def test_label_smoothing_reaches_the_loss():

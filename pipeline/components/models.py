@@ -9,7 +9,7 @@ import torch
 from accelerate import PartialState
 from torch import nn
 
-from mcci_models import create_model_from_config, fit_ain, load_saved_model, sfrn_data_config
+from mcci_models import ain_in_chans, create_model_from_config, fit_ain, load_saved_model, sfrn_data_config
 from pipeline.data.manifest import fingerprint, load_manifest
 from pipeline.data.transforms import InputTransform, build_mixup
 from pipeline.support.config import Config, from_dict, to_dict
@@ -34,7 +34,7 @@ def fit_ain_to_budget(cfg: Config, image_size: int) -> None:
         m = cfg.model
         try:
             m.ain_widths, m.ain_stem_stride, line = fit_ain(m.ain_budget, m.sfrn, image_size, m.feature_dim,
-                                                            m.ain_widths, m.ain_dropouts)
+                                                            m.ain_widths, m.ain_dropouts, ain_in_chans(m.ain_view))
         except ValueError as e:
             raise ConfigError(f"model.ain_budget={m.ain_budget}: {e}; raise the budget or set it to 0") from e
         m.ain_budget = 0.0
@@ -55,12 +55,14 @@ def build_transform(cfg: Config, seed: int = 0, spectra: bool = True,
                     device: torch.device | str = "cpu", num_classes: int | None = None) -> InputTransform:
     """``spectra=False`` for jobs that only run mind control, which never reads an input's spectrum;
     ``device``: where training batches will be, for the augmentation's random numbers; ``num_classes``:
-    for training, where mixup/cutmix (when configured) make soft labels."""
+    for training, where mixup/cutmix (when configured) make soft labels. The AIN's input is the view
+    ``model.ain_view`` names, as the model was built for (``ain_in_chans``)."""
     fill_input_stats(cfg)
     mixup = None if num_classes is None else build_mixup(cfg.data.augment, num_classes, cfg.optim.label_smoothing)
+    lowpass = cfg.model.ain_lowpass_size if cfg.model.ain_view == "spectrum+lowpass" else None
     return InputTransform(cfg.data.mean, cfg.data.std, cfg.data.augment, cfg.spectrum.normalisation,
                           cfg.spectrum.backend, with_spectra=spectra and cfg.train.defense == "mcci", seed=seed,
-                          channels_last=cfg.train.channels_last, device=device, mixup=mixup)
+                          channels_last=cfg.train.channels_last, device=device, mixup=mixup, lowpass=lowpass)
 
 
 def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -4,15 +4,18 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.data.manifest import fingerprint
-from pipeline.support.config import Config, to_dict
+from pipeline.support.config import Config, keys, to_dict
 from pipeline.support.errors import ConfigError, ShardError
 
 # What defines a run: resuming with any of these changed would not continue the same run.
 RUN_SECTIONS = ("model", "spectrum", "optim")
 RUN_KEYS = ("data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.mean", "data.std", "data.augment",
             "train.defense", "train.epochs", "train.seed", "train.mixed_precision", "train.grad_accumulation",
-            "train.mcci_variant", "train.mcci_variant_weight", "train.freeze_bn_stats", "train.ema_decay")
+            "train.mcci_variant", "train.mcci_variant_weight", "train.isolate_epoch", "train.freeze_bn_stats",
+            "train.ema_decay")
 FP16_MAX = 65504.0
+# every key's default, as an identity holds it: a key added after a checkpoint was written is unchanged at its default
+DEFAULTS = {name: list(value) if isinstance(value, tuple) else value for name, _, value in keys()}
 
 
 def run_identity(cfg: Config, manifest: dict[str, Any], world_size: int, mixed_precision: str) -> dict[str, Any]:
@@ -30,11 +33,16 @@ def run_identity(cfg: Config, manifest: dict[str, Any], world_size: int, mixed_p
 
 
 def check_resume_identity(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
-    """Refuse to resume a run whose data, model, recipe or shape changed, naming every changed key."""
+    """Refuse to resume a run whose data, model, recipe or shape changed, naming every changed key. A key the
+    checkpoint does not hold (added since it was written) counts as unchanged while it keeps its default."""
     if saved is None:  # a checkpoint written before identities were recorded
         return
-    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-               if saved.get(k) != current.get(k)]
+    def same(k: str) -> bool:
+        if k not in saved and k in DEFAULTS:
+            return current.get(k) == DEFAULTS[k]
+        return saved.get(k) == current.get(k)
+
+    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current)) if not same(k)]
     if changed:
         raise ConfigError(f"cannot resume: the checkpoint's run differs in {'; '.join(changed)}; restore those "
                           "values, or start a new run with another train.out")

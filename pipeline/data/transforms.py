@@ -1,4 +1,5 @@
-"""On the device: augmentation of uint8 batches, the SFRN's normalised input and the AIN's spectrum.
+"""On the device: augmentation of uint8 batches, the SFRN's normalised input and the AIN's input (the
+spectrum and, with ``model.ain_view=spectrum+lowpass``, a low-passed copy of the SFRN's input).
 
 Augmentation is one batched affine resample (flip, random-resized crop, shift per sample), so it
 costs one kernel on a GPU and the spectrum is computed from exactly the pixels the SFRN sees.
@@ -80,10 +81,22 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
                          padding_mode="zeros" if cfg.translate > 0 else "border", align_corners=False)
 
 
+def lowpass_view(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A spatially low-passed copy of a batch [B, C, H, W], in fp32: each cell of a ``size`` x ``size`` grid
+    averaged (area downsampling), then upsampled back to H x W (bilinear). Patterns finer than a cell
+    average out (a checkerboard patch aligned to the cells vanishes); smooth image-wide ones (SIG's
+    stripes, Refool's reflections) stay."""
+    height, width = images.shape[-2:]
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        cells = F.adaptive_avg_pool2d(images.float(), (min(size, height), min(size, width)))
+        return F.interpolate(cells, size=(height, width), mode="bilinear", align_corners=False)
+
+
 @dataclass
 class ModelInputs:
     images: torch.Tensor  # normalised for the SFRN
-    spectra: torch.Tensor | None  # normalised spectra for the AIN (None for the baseline)
+    # the AIN's input (None for the baseline): normalised spectra, and with a low-pass view its channels after
+    spectra: torch.Tensor | None
     targets: torch.Tensor | None = None  # soft labels of a mixed batch (mixup/cutmix), else None
 
 
@@ -97,11 +110,12 @@ def build_mixup(cfg: AugmentConfig, num_classes: int, label_smoothing: float) ->
 
 
 class InputTransform:
-    """uint8 batch on the device -> (SFRN input, AIN spectrum)."""
+    """uint8 batch on the device -> (SFRN input, AIN input). ``lowpass``: the grid size of a low-pass view of
+    the SFRN's input stacked after the spectrum's channels (``lowpass_view``); None: the spectrum alone."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], augment_cfg: AugmentConfig,
                  normalisation: str, backend: str, with_spectra: bool, seed: int = 0, channels_last: bool = False,
-                 device: torch.device | str = "cpu", mixup: Mixup | None = None):
+                 device: torch.device | str = "cpu", mixup: Mixup | None = None, lowpass: int | None = None):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std).view(1, -1, 1, 1) * 255.0
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -111,6 +125,7 @@ class InputTransform:
         self.generator = torch.Generator(device).manual_seed(seed)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mixup = mixup
+        self.lowpass = lowpass
 
     def __call__(self, images_uint8: torch.Tensor, train: bool, labels: torch.Tensor | None = None) -> ModelInputs:
         """``labels``: with mixup/cutmix on, a training batch is mixed (after augmentation, before the
@@ -125,7 +140,10 @@ class InputTransform:
         if pixels.device not in self._on_device:  # copied once, not every batch
             self._on_device[pixels.device] = (self.mean.to(pixels.device), self.std.to(pixels.device))
         mean, std = self._on_device[pixels.device]
-        images = ((pixels - mean) / std).contiguous(memory_format=self.memory_format)
+        images = (pixels - mean) / std
+        if spectra is not None and self.lowpass is not None:
+            spectra = torch.cat([spectra, lowpass_view(images, self.lowpass)], dim=1)
+        images = images.contiguous(memory_format=self.memory_format)
         return ModelInputs(images, None if spectra is None else spectra.contiguous(memory_format=self.memory_format),
                            targets)
 

@@ -23,73 +23,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from sklearn.metrics import roc_auc_score
 
 from mcci_models import MCCI
 from pipeline.components.models import build_transform, job_device, load_matching_manifest, load_trained
-from pipeline.data.loaders import eval_loader
-from pipeline.data.storage import DEFAULT_STREAM, StreamOptions
+# the scores and the rule live in components, where the isolate training variant uses them too
+from pipeline.components.scoring import COLUMNS, flagged_rows, score_samples, summarise
+from pipeline.data.storage import StreamOptions
 from pipeline.support.errors import JobError
 from pipeline.support.plots import plt, save_figure
 from pipeline.support.report import write_json, write_text
-
-COLUMNS = ("index", "label", "orig_label", "poisoned", "own_pred", "mind_control_pred", "score")
-
-
-@torch.no_grad()
-def score_samples(model: MCCI, location: str, manifest: dict[str, Any], split: str, transform, device: torch.device,
-                  batch_size: int, num_workers: int, stream: StreamOptions = DEFAULT_STREAM) -> torch.Tensor:
-    """Rows of COLUMNS (float64) for this rank's share of ``split``."""
-    if not bool(model.has_reference):
-        raise JobError("the model has no mind-control reference; audit the out folder of `mcci train`")
-    rows = []
-    for batch in eval_loader(location, manifest, split, batch_size, num_workers, stream=stream):
-        batch = batch.to(device)
-        inputs = transform(batch.images, train=False)
-        sfrn_features, ain_features = model.features(inputs.images, inputs.spectra)
-        own = F.log_softmax(model.fuse(sfrn_features, ain_features).float(), dim=1)
-        reference = model.reference_feature.expand(sfrn_features.shape[0], -1)
-        mind_control = F.log_softmax(model.fuse(sfrn_features, reference).float(), dim=1)
-        label = batch.labels[:, None]
-        score = (own.gather(1, label) - mind_control.gather(1, label))[:, 0]
-        rows.append(torch.stack([batch.indices.double(), batch.labels.double(), batch.orig_labels.double(),
-                                 batch.poisoned.double(), own.argmax(1).double(), mind_control.argmax(1).double(),
-                                 score.double()], dim=1).cpu())
-    return torch.cat(rows) if rows else torch.zeros(0, len(COLUMNS), dtype=torch.float64)
-
-
-def flagged_rows(rows: torch.Tensor) -> torch.Tensor:
-    """The audit's rule: the model as trained predicts the training label and mind control does not."""
-    label = rows[:, COLUMNS.index("label")]
-    return (rows[:, COLUMNS.index("own_pred")] == label) & (rows[:, COLUMNS.index("mind_control_pred")] != label)
-
-
-def summarise(rows: torch.Tensor) -> dict[str, Any]:
-    """Counts and, where samples were recorded as poisoned, how well the audit finds them."""
-    col = {name: rows[:, i] for i, name in enumerate(COLUMNS)}
-    flagged = flagged_rows(rows)
-    poisoned = col["poisoned"].bool()
-    summary: dict[str, Any] = {
-        "samples": len(rows), "flagged": int(flagged.sum()),
-        "flagged_fraction": round(float(flagged.float().mean()), 6) if len(rows) else 0.0,
-        "score_quantiles": {f"p{q}": round(float(torch.quantile(col["score"], q / 100)), 4)
-                            for q in (50, 90, 99)} if len(rows) else {},
-    }
-    if 0 < int(poisoned.sum()) < len(rows):
-        hits = int((flagged & poisoned).sum())
-        summary["recorded_poisoned"] = {
-            "count": int(poisoned.sum()), "flagged": hits,
-            "precision": round(hits / max(int(flagged.sum()), 1), 4),
-            "recall": round(hits / int(poisoned.sum()), 4),
-            "auroc": round(float(roc_auc_score(poisoned.numpy(), col["score"].numpy())), 4),
-            # of the k highest scores, k = the recorded count: the figure a fixed review budget sees
-            "precision_at_count": round(float(poisoned[col["score"].argsort(descending=True)[:int(poisoned.sum())]]
-                                              .float().mean()), 4),
-        }
-    return summary
 
 
 def plot_scores(rows: torch.Tensor, path: Path) -> None:

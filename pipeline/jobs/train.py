@@ -2,7 +2,8 @@
 (``pipeline/train.py`` forwards here).
 
 Reads top to bottom: build everything from the config, (maybe) resume, loop over epochs of
-streamed batches, checkpoint, then fix the mind-control reference and save the model.
+streamed batches (with ``train.mcci_variant=isolate``, isolate after ``train.isolate_epoch`` of them),
+checkpoint, then fix the mind-control reference and save the model.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from pipeline.components.checkpoint import (TRAINER_STATE, checkpoint_dirs, load
 from pipeline.components.distributed import (configure_deepspeed, deepspeed_input_dtype, resolve_mixed_precision,
                                              seed_rank_randomness, shards_parameters)
 from pipeline.components.evaluation import set_model_reference
+from pipeline.components.isolation import ISOLATION, describe_isolation, isolate
 from pipeline.components.losses import training_loss
 from pipeline.components.models import build_model, build_transform, model_meta
 from pipeline.components.optim import build_optimizer, build_scheduler
@@ -41,9 +43,9 @@ from pipeline.data.prefetch import device_batches, resolve_decode
 from pipeline.data.storage import StreamOptions
 from pipeline.data.transforms import InputTransform, ModelInputs
 from pipeline.support.config import Config, load_config
-from pipeline.support.errors import ConfigError, JobError
+from pipeline.support.errors import CheckpointError, ConfigError, JobError
 from pipeline.support.plots import TRAIN_CURVES, VAL_CURVES, plot_training_log, plot_validation_log
-from pipeline.support.report import write_text
+from pipeline.support.report import write_json, write_text
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -118,7 +120,7 @@ def _check_out(cfg: Config) -> None:
 def _describe(model: nn.Module, image_size: int, accelerator: Accelerator) -> None:
     if isinstance(model, MCCI):
         sfrn = forward_flops(model.sfrn, (1, 3, image_size, image_size))
-        ain = forward_flops(model.ain, (1, 3, image_size, image_size))
+        ain = forward_flops(model.ain, (1, *model.reference_spectrum.shape))  # the AIN's input: its view's channels
         accelerator.print(f"SFRN {sum(p.numel() for p in model.sfrn.parameters()) / 1e6:.2f}M params, "
                           f"{sfrn / 1e9:.3f} GFLOPs/image; AIN {sum(p.numel() for p in model.ain.parameters()) / 1e6:.2f}M "
                           f"params, {ain / 1e9:.3f} GFLOPs/image ({100 * ain / sfrn:.1f}% of the SFRN)")
@@ -187,6 +189,10 @@ def train(cfg: Config) -> Path:
         raise ConfigError("train.ema_decay under DeepSpeed with bf16/fp16 weights would keep the EMA in that dtype, "
                           "where its small updates round away: set train.ema_decay=0, or train without DeepSpeed "
                           "(DDP keeps fp32 weights under autocast)")
+    isolating = cfg.train.mcci_variant == "isolate" and cfg.train.defense == "mcci"
+    if isolating and sharded:
+        raise ConfigError("train.mcci_variant=isolate scores every training sample with the whole model on each rank; "
+                          "ZeRO-3 and FSDP shard the parameters: use DDP / ZeRO-2, or another train.mcci_variant")
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     seed_rank_randomness(cfg.train.seed, accelerator.process_index)
@@ -196,6 +202,9 @@ def train(cfg: Config) -> Path:
     loss_fn = partial(training_loss, label_smoothing=cfg.optim.label_smoothing, variant=cfg.train.mcci_variant,
                       weight=cfg.train.mcci_variant_weight)
     decode = resolve_decode(cfg.data.decode, manifest["image_format"], accelerator.device)
+    # isolate: the switch's record, and the isolated sample indices on the device (None before the switch)
+    isolation: dict[str, Any] | None = None
+    flagged: torch.Tensor | None = None
 
     step, start_epoch = 0, 0
     if cfg.train.resume and checkpoint_dirs(out):
@@ -209,6 +218,14 @@ def train(cfg: Config) -> Path:
             trim_logs(out, step)
         _restore_augment_rng(transform, state["augment_rng"], accelerator)
         scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+        isolation = state.get("isolation")
+        if isolating and isolation is None and start_epoch >= cfg.train.isolate_epoch:
+            raise CheckpointError(f"{newest} was written after the isolation epoch but holds no isolated samples; "
+                                  "start a new run with another train.out")
+        if isolation is not None:
+            flagged = torch.tensor(isolation["flagged_indices"], dtype=torch.long, device=accelerator.device)
+            if accelerator.is_main_process and not (out / ISOLATION).exists():
+                write_json(out / ISOLATION, isolation)
         accelerator.print(f"resumed from step {step} (epoch {start_epoch}) of {total_steps}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -222,15 +239,18 @@ def train(cfg: Config) -> Path:
         save_training_state(accelerator, out, {"step": step, "epoch": epoch, "total_steps": total_steps, "run": identity,
                                                # every rank's stream: each augments its own batches
                                                "augment_rng": gather_object([transform.generator.get_state().tolist()]),
-                                               "scheduler": scheduler_state}, cfg.train.keep_checkpoints,
+                                               "scheduler": scheduler_state, "isolation": isolation},
+                            cfg.train.keep_checkpoints,
                             ema=None if ema is None else ema.module.state_dict())
 
+    # off the training step: DeepSpeed's bf16/fp16 weights take fp32 inputs only under autocast
+    eval_autocast = (lambda: torch.autocast(accelerator.device.type, dtype=input_dtype)) if input_dtype \
+        else accelerator.autocast
+
     def run_validation(epoch: int) -> None:
-        autocast = (lambda: torch.autocast(accelerator.device.type, dtype=input_dtype)) if input_dtype \
-            else accelerator.autocast
         candidates = [("raw", accelerator.unwrap_model(model))] + ([("ema", ema.module)] if ema is not None else [])
         for weights, candidate in candidates:
-            results = validate(candidate, cfg, manifest, transform, accelerator.device, autocast,
+            results = validate(candidate, cfg, manifest, transform, accelerator.device, eval_autocast,
                                lambda t: accelerator.reduce(t, "sum"))
             accelerator.print(describe(epoch + 1, weights, results))
             if val_log:
@@ -240,6 +260,19 @@ def train(cfg: Config) -> Path:
                 val_log.flush()
             accelerator.log({f"val/{weights}/{mode}/{k}": v for mode, m in results.items() for k, v in m.items()},
                             step=step)
+
+    def run_isolation(epoch: int) -> None:
+        nonlocal isolation, flagged
+        isolation = {"epoch": epoch + 1, "step": step,
+                     **isolate(accelerator.unwrap_model(model), cfg, manifest, transform, accelerator.device,
+                               eval_autocast)}
+        flagged = torch.tensor(isolation["flagged_indices"], dtype=torch.long, device=accelerator.device)
+        accelerator.print(describe_isolation(isolation))
+        if accelerator.is_main_process:
+            write_json(out / ISOLATION, isolation)
+        truth = isolation.get("recorded_poisoned", {})
+        accelerator.log({"isolation/flagged": isolation["flagged"],
+                         **{f"isolation/{k}": truth[k] for k in ("precision", "recall") if k in truth}}, step=step)
 
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, unit="step",
                dynamic_ncols=True, file=sys.stdout)
@@ -259,8 +292,10 @@ def train(cfg: Config) -> Path:
         # taken: the data order (and so the result) matches an uninterrupted run.
         for batch in device_batches(itertools.islice(loader, step - epoch * steps, None), accelerator.device):
             inputs = model_inputs(transform, batch.images, input_dtype, batch.labels)
+            # after the isolation switch, the loss unlearns the batch's isolated samples
+            step_loss = loss_fn if flagged is None else partial(loss_fn, flagged=torch.isin(batch.indices, flagged))
             loss, grad_norm = train_step(accelerator, model, optimizer, scheduler, inputs, batch.labels,
-                                         cfg.optim.grad_clip, loss_fn)
+                                         cfg.optim.grad_clip, step_loss)
             step += 1
             if ema is not None and accelerator.sync_gradients:
                 ema.update(accelerator.unwrap_model(model), step=step // accumulation)
@@ -289,6 +324,8 @@ def train(cfg: Config) -> Path:
                 checkpoint(epoch)
         if validating and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
             run_validation(epoch)
+        if isolating and epoch + 1 == cfg.train.isolate_epoch:
+            run_isolation(epoch)
         checkpoint(epoch + 1)
     bar.close()
     if log:

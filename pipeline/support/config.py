@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from mcci_models.factory import AIN_VIEWS
 from mcci_models.saved import upgrade_config
 from pipeline.support.errors import ConfigError
 
@@ -91,6 +92,12 @@ class ModelConfig:
     ain_budget: float = setting(0.0, "> 0: shrink the AIN (widths halved, stem stride doubled) to at most this fraction "
                                 "of the SFRN's forward FLOPs; the sizes chosen replace ain_widths and "
                                 "ain_stem_stride in the saved config. 0: as the keys say", ge=0.0, lt=1.0)
+    ain_view: str = setting("spectrum", "what the AIN sees: the image's spectrum; spectrum+lowpass: also the SFRN's "
+                            "input low-passed (3 more channels), where smooth image-wide triggers live "
+                            "(docs/VARIANTS.md)", choices=AIN_VIEWS)
+    ain_lowpass_size: int = setting(16, "spectrum+lowpass: the image averaged over a grid of this many cells a side, "
+                                    "then upsampled back (bilinear); finer patterns average out (>= the image "
+                                    "size: no smoothing)", ge=1)
 
 
 @dataclass
@@ -148,8 +155,11 @@ class TrainConfig:
                            choices=("no", "inductor", "aot_eager", "eager"))
     channels_last: bool = setting(False, "NHWC model and inputs: faster convolutions (AIN, CNN SFRNs) on tensor cores")
     mcci_variant: str = setting("none", "an MCCI variant that pushes what the AIN explains out of the SFRN "
-                                "(docs/VARIANTS.md)", choices=("none", "independence", "lff"))
+                                "(docs/VARIANTS.md)", choices=("none", "independence", "lff", "isolate"))
     mcci_variant_weight: float = setting(1.0, "weight of the variant's loss term", ge=0.0)
+    isolate_epoch: int = setting(1, "mcci_variant=isolate: epochs of plain MCCI before the audit's rule isolates "
+                                 "the training samples only the AIN explains, which are unlearned from then on "
+                                 "(run folder: isolation.json)", ge=1)
     grad_accumulation: int = setting(1, "micro-batches per optimiser step (Accelerate's accumulate); the effective "
                                      "batch is data.batch_size x this x processes", ge=1)
     freeze_bn_stats: bool = setting(False, "keep a pre-trained SFRN's BatchNorm running statistics (eval mode)")
@@ -323,6 +333,13 @@ def validate(cfg: Config) -> None:
         path = Path(getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
         if str(path) and path.is_file():
             raise ConfigError(f"{key}={path} is a file; name a folder")
+    if cfg.train.mcci_variant == "isolate":
+        if cfg.train.defense != "mcci":
+            raise ConfigError("train.mcci_variant=isolate needs train.defense=mcci: its isolation reads the AIN")
+        if cfg.train.isolate_epoch >= cfg.train.epochs:
+            raise ConfigError(f"train.isolate_epoch={cfg.train.isolate_epoch} must be less than train.epochs="
+                              f"{cfg.train.epochs}: isolation comes after that many epochs and unlearning after it; "
+                              "lower train.isolate_epoch or raise train.epochs")
     ratio = cfg.data.augment.ratio
     if len(ratio) != 2 or not ratio[0] <= ratio[1]:
         raise ConfigError(f"data.augment.ratio must be [low, high] with low <= high, got {list(ratio)}")
