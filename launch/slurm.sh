@@ -9,7 +9,9 @@
 set -euo pipefail
 CONFIG="${1:?usage: sbatch launch/slurm.sh CONFIG [key=value ...]}"; shift
 GPUS_PER_NODE="${SLURM_GPUS_ON_NODE:-8}"
-MAIN_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# sed reads every line: `head -n 1` would close the pipe early, and under pipefail scontrol's SIGPIPE
+# (exit 141) would end the job on large node lists
+MAIN_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"
 MAIN_PORT="${MAIN_PORT:-29500}"
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-configs/accelerate/ddp_multinode.yaml}"
 mkdir -p logs
