@@ -52,14 +52,6 @@ def check_data_for_run(cfg: Config, manifest: dict[str, Any], mixed_precision: s
     """What the config asks of the data, checked before any step is taken."""
     size = manifest["image_size"]
     accumulation = cfg.train.grad_accumulation
-    augment = cfg.data.augment
-    if augment.mixup_alpha > 0 or augment.cutmix_alpha > 0:
-        if cfg.data.batch_size % 2:
-            raise ConfigError(f"mixup/cutmix pair each batch with itself reversed: data.batch_size must be even, "
-                              f"got {cfg.data.batch_size}")
-        if cfg.train.mcci_variant != "none":
-            raise ConfigError(f"train.mcci_variant={cfg.train.mcci_variant} needs each sample's own label; mixup and "
-                              "cutmix give soft labels: set data.augment.mixup_alpha=0 and cutmix_alpha=0")
     # optimiser steps end where epochs and checkpoints do, so a resume starts on a whole step
     if steps_per_epoch % accumulation or cfg.train.checkpoint_every % accumulation:
         raise ConfigError(f"train.grad_accumulation={accumulation} must divide the {steps_per_epoch} batches of an "

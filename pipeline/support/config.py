@@ -327,6 +327,14 @@ def validate(cfg: Config) -> None:
         _check(key, f, value)
     if cfg.model.pretrained in ("yes", "no"):  # a YAML true/false: the key was a bool before it named a source
         raise ConfigError("model.pretrained takes none, hub or a weights file path (true is now hub, false none)")
+    augment = cfg.data.augment
+    if augment.mixup_alpha > 0 or augment.cutmix_alpha > 0:  # config-only rules, so checked with the config
+        if cfg.data.batch_size % 2:
+            raise ConfigError(f"mixup/cutmix pair each batch with itself reversed: data.batch_size must be even, "
+                              f"got {cfg.data.batch_size}")
+        if cfg.train.mcci_variant != "none":
+            raise ConfigError(f"train.mcci_variant={cfg.train.mcci_variant} needs each sample's own label; mixup and "
+                              "cutmix give soft labels: set data.augment.mixup_alpha=0 and cutmix_alpha=0")
     if len(cfg.model.ain_widths) != len(cfg.model.ain_dropouts):
         raise ConfigError("model.ain_widths and model.ain_dropouts must have the same length")
     for key in ("train.out", "data.shards"):
