@@ -12,16 +12,25 @@ mode, and the AUROC of `mcci audit` against the recorded poison). Each attack's 
 Each attack gets a verdict: "attack failed on the baseline" when the undefended model's ASR is below
 0.5 (its MCCI rows then show no DER: there was no backdoor to remove), else "removed" (mind-control
 ASR <= 0.10) or "not removed".
+
+Variants and seeds: ``--variant NAME OVERRIDE...`` (repeatable) adds an MCCI run per attack with those
+training overrides, on the same shards and against the same baseline (``<out>/<attack>/variants/NAME/``;
+they can be added to a finished matrix); ``--seeds 1 2`` trains MCCI and every variant again with each
+of those ``train.seed`` values, and the table gives mean +- standard deviation over the seeds:
+
+    python -m benchmarks.defense_matrix ... --variant lowpass model.ain_view=spectrum+lowpass \
+        --variant isolate train.mcci_variant=isolate --seeds 1 2
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import yaml
 
 from benchmarks.common import write_result
-from pipeline.jobs.experiment import run_experiment
+from pipeline.jobs.experiment import run_experiment, run_variant
 from pipeline.jobs.quickstart import QUICKSTART_OVERRIDES, QUICKSTART_SOURCE
 from pipeline.support.plots import plot_defense_matrix
 from shards.attacks import ATTACKS
@@ -36,30 +45,50 @@ REMOVED_ASR_MAX = 0.10  # mind-control ASR at or below which a landed backdoor c
 ATTACK_FAILED = "attack failed on the baseline"
 
 
-def verdict(row: dict) -> str:
-    """What one attack's rows show: the attack failed on the baseline, or MCCI (mind control)
-    removed the backdoor, or it did not."""
+def verdict(row: dict, runs: list[dict] | None = None) -> str:
+    """What one attack's rows show: the attack failed on the baseline, or MCCI (mind control; with ``runs``,
+    their mean) removed the backdoor, or it did not."""
     if row["baseline"]["asr"] < BASELINE_ASR_MIN:
         return ATTACK_FAILED
-    return "removed" if row["mcci"]["mind_control"]["asr"] <= REMOVED_ASR_MAX else "not removed"
+    asr = statistics.fmean(m["mcci"]["mind_control"]["asr"] for m in runs or [row])
+    return "removed" if asr <= REMOVED_ASR_MAX else "not removed"
+
+
+def mcci_groups(row: dict) -> list[tuple[str, list[dict]]]:
+    """The MCCI runs of one attack, grouped: ("MCCI", the experiment's run and its extra seeds), then
+    ("MCCI NAME", the variant's runs, one per seed), each run as its metrics (``mcci``, ``audit``)."""
+    groups = [("MCCI", [row, *row.get("mcci_seeds", [])])]
+    return groups + [(f"MCCI {name}", runs) for name, runs in row.get("variants", {}).items()]
+
+
+def _cell(values: list[float]) -> str:
+    return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown, three lines per attack. Where the attack failed on the baseline, the MCCI rows get
-    no DER (it would credit MCCI for a backdoor that was never there) and the verdict says so."""
+    """Markdown: the baseline, then own spectrum and mind control of MCCI and of each variant; over several
+    seeds, mean ± standard deviation. Where the attack failed on the baseline, the MCCI rows get no DER
+    (it would credit MCCI for a backdoor that was never there) and the verdict says so."""
     lines = ["| attack | rate | model | CA | ASR | RA | DER | audit AUROC | minutes | verdict |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        truth = (r.get("audit") or {}).get("recorded_poisoned")  # absent in metrics written before the audit
-        outcome = verdict(r)
-        for label, m in (("baseline", r["baseline"]), ("MCCI own spectrum", r["mcci"]["own"]),
-                         ("MCCI mind control", r["mcci"]["mind_control"])):
-            der = f"{m['der']:.3f}" if "der" in m and outcome != ATTACK_FAILED else ""
-            auroc = f"{truth['auroc']:.3f}" if truth and label == "MCCI mind control" else ""
-            minutes = f"{r['seconds'] / 60:.1f}" if label == "baseline" and "seconds" in r else ""
-            shown = outcome if label == "MCCI mind control" or (label == "baseline" and outcome == ATTACK_FAILED) else ""
-            lines.append(f"| {r['attack']} | {r['poison_rate']} | {label} | {m['clean_acc']:.3f} | {m['asr']:.3f} | "
-                         f"{m['ra']:.3f} | {der} | {auroc} | {minutes} | {shown} |")
+        failed = verdict(r) == ATTACK_FAILED
+        b = r["baseline"]
+        minutes = f"{r['seconds'] / 60:.1f}" if "seconds" in r else ""
+        lines.append(f"| {r['attack']} | {r['poison_rate']} | baseline | {b['clean_acc']:.3f} | {b['asr']:.3f} | "
+                     f"{b['ra']:.3f} |  |  | {minutes} | {ATTACK_FAILED if failed else ''} |")
+        for label, runs in mcci_groups(r):
+            seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
+            aurocs = [m["audit"]["recorded_poisoned"]["auroc"] for m in runs
+                      if (m.get("audit") or {}).get("recorded_poisoned")]  # absent in metrics written before the audit
+            for mode, name in (("own", "own spectrum"), ("mind_control", "mind control")):
+                ms = [m["mcci"][mode] for m in runs]
+                der = _cell([m["der"] for m in ms]) if all("der" in m for m in ms) and not failed else ""
+                auroc = _cell(aurocs) if aurocs and mode == "mind_control" else ""
+                shown = verdict(r, runs) if mode == "mind_control" else ""
+                lines.append(f"| {r['attack']} | {r['poison_rate']} | {label} {name}{seeds} | "
+                             f"{_cell([m['clean_acc'] for m in ms])} | {_cell([m['asr'] for m in ms])} | "
+                             f"{_cell([m['ra'] for m in ms])} | {der} | {auroc} |  | {shown} |")
     return "\n".join(lines)
 
 
@@ -79,8 +108,16 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=0, help="the all-to-one target class")
     parser.add_argument("--out", default="runs/defense-matrix")
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME OVERRIDE",
+                        help="one more MCCI run per attack on the same shards and baseline: a name, then its "
+                        "training overrides (e.g. --variant lowpass model.ain_view=spectrum+lowpass); repeatable")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[],
+                        help="train MCCI and each variant again with each of these train.seed values")
     parser.add_argument("overrides", nargs="*", help="training overrides, e.g. train.mixed_precision=bf16")
     args = parser.parse_args()
+    variants = {name: overrides for name, *overrides in args.variant}
+    if len(variants) < len(args.variant) or "" in variants:
+        parser.error("each --variant needs a name of its own")
     overrides = [*([] if args.config else QUICKSTART_OVERRIDES), f"train.epochs={args.epochs}", *args.overrides]
     attack_params = yaml.safe_load(open(args.attack_params)) if args.attack_params else {}
     rows = []
@@ -96,10 +133,19 @@ def main() -> None:
                          shard_size=1000 if args.test_source else 256, max_train=args.max_train,
                          max_test=args.max_test)
         print(f"=== {entry} ===", flush=True)
-        results = run_experiment(Path(args.out) / entry.replace(":", "-"), spec, args.config, overrides,
-                                 references=(), num_workers=args.num_workers)
-        rows.append({"attack": entry, "poison_rate": spec.poison_rate, "attack_params": spec.attack_params, **results})
-        rows[-1]["verdict"] = verdict(rows[-1])
+        folder = Path(args.out) / entry.replace(":", "-")
+        results = run_experiment(folder, spec, args.config, overrides, references=(), num_workers=args.num_workers)
+        row = {"attack": entry, "poison_rate": spec.poison_rate, "attack_params": spec.attack_params, **results}
+
+        def runs(name: str, variant: list[str], base_seed: bool) -> list[dict]:
+            seeds = [(name, variant)] if base_seed else []
+            seeds += [(f"{name}-seed{s}", [*variant, f"train.seed={s}"]) for s in args.seeds]
+            return [run_variant(folder, n, o, args.config, overrides, args.num_workers) for n, o in seeds]
+
+        row["mcci_seeds"] = runs("mcci", [], base_seed=False)
+        row["variants"] = {name: runs(name, variant, base_seed=True) for name, variant in variants.items()}
+        row["verdict"] = verdict(row)
+        rows.append(row)
     markdown = table(rows)
     print(markdown)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -109,7 +155,8 @@ def main() -> None:
                                     "image_size": args.image_size, "target": args.target, "epochs": args.epochs,
                                     "attack_params_file": args.attack_params,
                                     "config": args.config,
-                                    "overrides": overrides, "rows": rows}, str(Path(args.out) / "defense_matrix.json"))
+                                    "overrides": overrides, "variants": variants, "seeds": args.seeds,
+                                    "rows": rows}, str(Path(args.out) / "defense_matrix.json"))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The defense matrix's table: an attack that did not backdoor the undefended model is not counted as defended."""
 from benchmarks.defense_matrix import ATTACK_FAILED, table, verdict
+from pipeline.support.plots import defense_matrix_figure
 
 
 def _row(attack: str, baseline_asr: float, mind_control_asr: float) -> dict:
@@ -29,3 +30,33 @@ def test_table_marks_a_failed_attack_and_gives_it_no_der():
     assert [c[der] for c in ftrojan] == ["", "", ""]  # no DER credited for a backdoor that never landed
     assert ftrojan[0][last] == ftrojan[2][last] == ATTACK_FAILED and ftrojan[1][last] == ""
     assert ftrojan[2][header.index("ASR")] == "0.050"  # the figures themselves are still shown
+
+
+def _mcci_run(ca: float, asr: float, auroc: float) -> dict:
+    return {"mcci": {"own": {"clean_acc": ca, "asr": 0.9, "ra": 0.1, "der": 0.5},
+                     "mind_control": {"clean_acc": ca, "asr": asr, "ra": 0.5, "der": 0.9}},
+            "audit": {"recorded_poisoned": {"auroc": auroc}}}
+
+
+def test_variants_and_seeds_get_their_own_rows_with_mean_and_spread_and_a_verdict_from_the_mean():
+    row = _row("sig", 0.99, 0.98)  # MCCI did not remove it; a variant's seeds did, on average
+    row["mcci_seeds"] = [_mcci_run(0.60, 0.96, 0.3)]
+    row["variants"] = {"lowpass": [_mcci_run(0.50, 0.02, 0.9), _mcci_run(0.60, 0.04, 0.8), _mcci_run(0.70, 0.15, 0.7)]}
+    lines = table([row]).splitlines()[2:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert [c[2] for c in cells] == ["baseline", "MCCI own spectrum (2 seeds)", "MCCI mind control (2 seeds)",
+                                     "MCCI lowpass own spectrum (3 seeds)", "MCCI lowpass mind control (3 seeds)"]
+    assert cells[2][4] == "0.970 ± 0.014" and cells[2][9] == "not removed"  # mean of 0.98 and 0.96
+    assert cells[4][3] == "0.600 ± 0.100" and cells[4][4] == "0.070 ± 0.070" and cells[4][7] == "0.800 ± 0.100"
+    assert cells[4][9] == "removed" and verdict(row) == "not removed"  # the attack's verdict stays MCCI's
+
+
+def test_the_matrix_figure_draws_a_bar_per_variant():
+    row = _row("sig", 0.99, 0.98)
+    row["variants"] = {"lowpass": [_mcci_run(0.5, 0.02, 0.9)], "isolate": [_mcci_run(0.5, 0.5, 0.9)]}
+    figure = defense_matrix_figure([row, row])
+    asr_axis = figure.axes[0]
+    assert [c.get_label() for c in asr_axis.containers] == ["baseline (no defense)", "MCCI, mind control",
+                                                           "MCCI lowpass, mind control", "MCCI isolate, mind control"]
+    heights = [[bar.get_height() for bar in c] for c in asr_axis.containers]
+    assert heights == [[0.99, 0.99], [0.98, 0.98], [0.02, 0.02], [0.5, 0.5]]

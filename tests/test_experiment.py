@@ -3,8 +3,10 @@ import dataclasses
 import json
 
 import pytest
+import yaml
 
-from pipeline.jobs.experiment import run_experiment
+from pipeline.jobs.experiment import run_experiment, run_variant
+from pipeline.support.metrics import defense_effectiveness_rating
 from pipeline.support.errors import JobError
 from shards.build import BuildSpec
 
@@ -43,3 +45,45 @@ def test_a_folder_of_unknown_results_is_refused(tmp_path):
     (tmp_path / "exp" / "metrics.json").write_text("{}")  # written by an older version or by hand
     with pytest.raises(JobError, match="has no experiment.json"):
         run_experiment(tmp_path / "exp", BuildSpec(source="embedded:digits", out=""), overrides=TINY_TRAIN)
+
+
+def test_a_variant_trains_beside_a_finished_experiment_on_its_shards_and_against_its_baseline(image_tree, tmp_path):
+    spec = BuildSpec(source=str(image_tree), out="", attack="badnets", poison_rate=0.2, shard_size=16, trusted_count=6)
+    out = tmp_path / "exp"
+    with pytest.raises(JobError, match="no finished experiment"):
+        run_variant(out, "seed1", ["train.seed=1"], overrides=TINY_TRAIN)
+    results = run_experiment(out, spec, overrides=TINY_TRAIN, references=())
+    shards_before = sorted(p.name for p in (out / "shards").iterdir())
+
+    variant = run_variant(out, "seed1", ["train.seed=1"], overrides=TINY_TRAIN)
+    folder = out / "variants" / "seed1"
+    saved = yaml.safe_load((folder / "mcci" / "model" / "config.yaml").read_text())
+    assert saved["train"]["seed"] == 1 and saved["train"]["defense"] == "mcci"
+    assert saved["data"]["shards"] == str(out / "shards") and sorted(p.name for p in (out / "shards").iterdir()) == shards_before
+    baseline = results["baseline"]
+    for mode in ("own", "mind_control"):  # DER against the experiment's own baseline
+        assert variant["mcci"][mode]["der"] == defense_effectiveness_rating(baseline, variant["mcci"][mode])
+    assert variant["audit"]["samples"] == results["audit"]["samples"]
+    assert json.loads((folder / "metrics.json").read_text()) == variant
+    (folder / "mcci" / "model" / "model.safetensors").unlink()  # finished: reused, not retrained
+    assert run_variant(out, "seed1", ["train.seed=1"], overrides=TINY_TRAIN) == variant
+
+    with pytest.raises(JobError, match="variant: \\['train.seed=1'\\] there, \\['train.seed=2'\\] now"):
+        run_variant(out, "seed1", ["train.seed=2"], overrides=TINY_TRAIN)
+    with pytest.raises(JobError, match="another configuration .*train.epochs: 1 there, 2 now"):
+        run_variant(out, "other", [], overrides=[*TINY_TRAIN, "train.epochs=2"])
+    with pytest.raises(JobError, match="sets train.defense=none"):
+        run_variant(out, "undefended", ["train.defense=none"], overrides=TINY_TRAIN)
+    assert not (out / "variants" / "other").exists() and not (out / "variants" / "undefended").exists()
+
+
+def test_an_experiment_recorded_before_a_key_existed_is_the_same_while_that_key_keeps_its_default(image_tree, tmp_path):
+    spec = BuildSpec(source=str(image_tree), out="", attack="badnets", poison_rate=0.2, shard_size=16, trusted_count=6)
+    out = tmp_path / "exp"
+    results = run_experiment(out, spec, overrides=TINY_TRAIN, references=())
+    recorded = json.loads((out / "experiment.json").read_text())
+    del recorded["config"]["model"]["ain_view"], recorded["config"]["data"]["augment"]["mixup_alpha"]
+    (out / "experiment.json").write_text(json.dumps(recorded))  # as an older version wrote it
+    assert run_experiment(out, spec, overrides=TINY_TRAIN, references=()) == results
+    with pytest.raises(JobError, match="model.ain_view: 'spectrum' there, 'spectrum\\+lowpass' now"):
+        run_experiment(out, spec, overrides=[*TINY_TRAIN, "model.ain_view=spectrum+lowpass"], references=())

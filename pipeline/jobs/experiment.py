@@ -1,7 +1,9 @@
 """One defense experiment: shards for an attack -> baseline and MCCI on them -> metrics with DER,
 and the audit of the MCCI model's training set.
 
-``mcci quickstart`` and ``benchmarks/defense_matrix.py`` are this function with other arguments.
+``mcci quickstart`` and ``benchmarks/defense_matrix.py`` are this function with other arguments;
+``run_variant`` adds another MCCI run (a variant, another seed) beside a finished experiment's, on
+its shards and against its baseline.
 The full configuration (shard build, training config after overrides, references) is written to
 ``out/experiment.json`` before any work. A folder holding another configuration's results is
 refused; with the same configuration each stage whose output exists is skipped, so an interrupted
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.components.run_checks import DEFAULTS
 from pipeline.jobs.audit import audit
 from pipeline.jobs.evaluate import evaluate_checkpoint
 from pipeline.jobs.train import train
@@ -33,12 +36,17 @@ def experiment_config(shards: BuildSpec, config: str | None, overrides: list[str
                       references: tuple[str, ...]) -> dict[str, Any]:
     """Everything that decides an experiment's results, as plain JSON (the training config resolved,
     so a changed config file counts as well as a changed override)."""
+    build = {k: v for k, v in dataclasses.asdict(shards).items() if k not in ("out", "workers", "overwrite")}
+    return json.loads(json.dumps({"shards": build, "config": _training_config(config, overrides),
+                                  "references": list(references)}))
+
+
+def _training_config(config: str | None, overrides: list[str]) -> dict[str, Any]:
     train_cfg = to_dict(load_config(config, overrides))
     for key in _PER_RUN_KEYS:
         section, name = key.split(".")
         train_cfg[section].pop(name)
-    build = {k: v for k, v in dataclasses.asdict(shards).items() if k not in ("out", "workers", "overwrite")}
-    return json.loads(json.dumps({"shards": build, "config": train_cfg, "references": list(references)}))
+    return json.loads(json.dumps(train_cfg))
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -47,12 +55,26 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} there, {new!r} now"]
 
 
+def _recorded(path: Path) -> dict[str, Any]:
+    """A recorded configuration, with the training-config keys added since it was written at their
+    defaults (they did not exist, so the run had their default behaviour)."""
+    recorded = json.loads(path.read_text())
+    for cfg in (recorded.get("config"), recorded.get("experiment", {}).get("config")):
+        for name, value in [(k, v) for k, v in DEFAULTS.items() if k not in _PER_RUN_KEYS] if cfg else ():
+            *parents, key = name.split(".")
+            section = cfg
+            for parent in parents:
+                section = section.setdefault(parent, {})
+            section.setdefault(key, value)
+    return recorded
+
+
 def _claim(out: Path, wanted: dict[str, Any]) -> None:
     """Record ``wanted`` in a new or empty ``out``; in an earlier experiment's folder, refuse unless
     it recorded the same configuration."""
     recorded = out / CONFIG_FILE
     if recorded.exists():
-        changed = _differences(json.loads(recorded.read_text()), wanted)
+        changed = _differences(_recorded(recorded), wanted)
         if changed:
             raise JobError(f"{out} holds an experiment with another configuration ({'; '.join(changed[:3])}"
                            f"{'; ...' if len(changed) > 3 else ''}); choose another output folder or delete it")
@@ -79,13 +101,7 @@ def run_experiment(out: str | Path, shards: BuildSpec, config: str | None = None
         build_shards(dataclasses.replace(shards, out=str(shard_dir)))
     runs = {}
     for name, defense in (("baseline", "none"), ("mcci", "mcci")):
-        run_dir = out / name
-        if not (run_dir / "model").exists():
-            print(f"== training {name} ==", flush=True)
-            resume = ["train.resume=true"] if run_dir.exists() else []
-            train(load_config(config, [*overrides, f"data.shards={shard_dir}", f"train.defense={defense}",
-                                       f"train.out={run_dir}", *resume]))
-        runs[name] = run_dir
+        runs[name] = _train_once(out / name, config, [*overrides, f"data.shards={shard_dir}", f"train.defense={defense}"])
     baseline = evaluate_checkpoint(runs["baseline"], str(shard_dir), num_workers=num_workers)
     mcci = evaluate_checkpoint(runs["mcci"], str(shard_dir), list(references), num_workers=num_workers)
     results = add_der({**baseline, **mcci}, baseline["baseline"])
@@ -93,3 +109,47 @@ def run_experiment(out: str | Path, shards: BuildSpec, config: str | None = None
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_json(out / "metrics.json", results)
     return results
+
+
+def run_variant(out: str | Path, name: str, variant_overrides: list[str], config: str | None = None,
+                overrides: list[str] = (), num_workers: int = 0) -> dict[str, Any]:
+    """Another MCCI run beside the finished experiment in ``out`` (``run_experiment``'s, same ``config``
+    and ``overrides``): its shards, its training config plus ``variant_overrides`` (an MCCI variant,
+    another seed). Writes ``out/variants/<name>/metrics.json`` (both inference modes with DER against
+    the experiment's baseline, and the audit) and returns it; like the experiment, a folder holding
+    another configuration is refused and an interrupted run continues."""
+    out = Path(out)
+    if not (out / "metrics.json").exists():
+        raise JobError(f"{out} has no finished experiment (metrics.json): run the experiment before its variants")
+    fixed = [o for o in variant_overrides if o.split("=", 1)[0] in _PER_RUN_KEYS]
+    if fixed:
+        raise JobError(f"variant {name!r} sets {', '.join(fixed)}: the experiment sets these per run "
+                       f"({', '.join(_PER_RUN_KEYS)}); leave them out")
+    experiment = _recorded(out / CONFIG_FILE)
+    changed = _differences(experiment["config"], _training_config(config, overrides))
+    if changed:
+        raise JobError(f"{out} was trained with another configuration ({'; '.join(changed[:3])}): give its variants "
+                       "the experiment's own config and overrides, and put what differs in the variant's")
+    folder = out / "variants" / name
+    _claim(folder, {"experiment": experiment, "variant": list(variant_overrides)})
+    if (folder / "metrics.json").exists():
+        return json.loads((folder / "metrics.json").read_text())
+    start = time.perf_counter()
+    shard_dir = out / "shards"
+    run_dir = _train_once(folder / "mcci", config, [*overrides, *variant_overrides, f"data.shards={shard_dir}",
+                                                    "train.defense=mcci"])
+    baseline = json.loads((out / "metrics.json").read_text())["baseline"]
+    results = add_der(evaluate_checkpoint(run_dir, str(shard_dir), num_workers=num_workers), baseline)
+    results["audit"] = audit(run_dir, str(shard_dir), folder / "audit", num_workers=num_workers)
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    write_json(folder / "metrics.json", results)
+    return results
+
+
+def _train_once(run_dir: Path, config: str | None, overrides: list[str]) -> Path:
+    """Train into ``run_dir`` unless its model is saved there; a run that stopped part-way resumes."""
+    if not (run_dir / "model").exists():
+        print(f"== training {run_dir} ==", flush=True)
+        resume = ["train.resume=true"] if run_dir.exists() else []
+        train(load_config(config, [*overrides, f"train.out={run_dir}", *resume]))
+    return run_dir

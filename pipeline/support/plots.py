@@ -60,20 +60,30 @@ def plot_training_log(log_path: str | Path, out: str | Path) -> Path | None:
 
 
 def defense_matrix_figure(rows: list[dict[str, Any]]) -> plt.Figure:
-    """Per attack: ASR and clean accuracy of the baseline and of MCCI under mind control."""
+    """Per attack: ASR and clean accuracy of the baseline and, under mind control, of MCCI and each variant
+    (``rows[i]["variants"]``: name -> runs, one per seed; extra MCCI seeds in ``mcci_seeds``), bars at the
+    mean over seeds."""
     names = [r["attack"] for r in rows]
+    variants = list(rows[0].get("variants", {})) if rows else []
+    bars = [("baseline (no defense)", lambda r: [r["baseline"]]),
+            ("MCCI, mind control", lambda r: [r["mcci"]["mind_control"]]
+             + [m["mcci"]["mind_control"] for m in r.get("mcci_seeds", [])])]
+    bars += [(f"MCCI {v}, mind control", lambda r, v=v: [m["mcci"]["mind_control"] for m in r["variants"][v]])
+             for v in variants]
     x = np.arange(len(rows))
-    stacked = len(rows) > 6  # many attacks: one wide panel above the other
+    width = 0.8 / len(bars)
+    stacked = len(rows) * len(bars) > 12  # many bars: one wide panel above the other
     fig, axes = plt.subplots(2 if stacked else 1, 1 if stacked else 2, constrained_layout=True,
-                             figsize=(0.7 * len(rows) + 2, 5.6) if stacked else (max(6.0, 1.1 * len(rows) + 3), 3.2))
+                             figsize=(0.35 * len(rows) * len(bars) + 2, 5.6) if stacked
+                             else (max(6.0, 0.55 * len(rows) * len(bars) + 3), 3.2))
     for ax, metric, title in ((axes[0], "asr", "attack success rate"), (axes[1], "clean_acc", "clean accuracy")):
-        ax.bar(x - 0.2, [r["baseline"][metric] for r in rows], 0.4, label="baseline (no defense)", color="tab:red")
-        ax.bar(x + 0.2, [r["mcci"]["mind_control"][metric] for r in rows], 0.4, label="MCCI, mind control",
-               color="tab:blue")
+        for i, (label, runs) in enumerate(bars):
+            ax.bar(x + (i - (len(bars) - 1) / 2) * width, [np.mean([m[metric] for m in runs(r)]) for r in rows],
+                   width, label=label, color=f"C{(3, 0, 2, 1, 4, 5, 6, 7, 8, 9)[i % 10]}")  # baseline red, MCCI blue
         ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(title, fontsize=10)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=2, fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=min(len(bars), 4), fontsize=8)
     return fig
 
 
