@@ -83,7 +83,10 @@ def test_an_experiment_recorded_before_a_key_existed_is_the_same_while_that_key_
     results = run_experiment(out, spec, overrides=TINY_TRAIN, references=())
     recorded = json.loads((out / "experiment.json").read_text())
     del recorded["config"]["model"]["ain_view"], recorded["config"]["data"]["augment"]["mixup_alpha"]
+    del recorded["shards"]["crop_pct"]
     (out / "experiment.json").write_text(json.dumps(recorded))  # as an older version wrote it
     assert run_experiment(out, spec, overrides=TINY_TRAIN, references=()) == results
     with pytest.raises(JobError, match="model.ain_view: 'spectrum' there, 'spectrum\\+lowpass' now"):
         run_experiment(out, spec, overrides=[*TINY_TRAIN, "model.ain_view=spectrum+lowpass"], references=())
+    with pytest.raises(JobError, match="shards.crop_pct: 1.0 there, 0.875 now"):
+        run_experiment(out, dataclasses.replace(spec, crop_pct=0.875), overrides=TINY_TRAIN, references=())

@@ -56,9 +56,13 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def _recorded(path: Path) -> dict[str, Any]:
-    """A recorded configuration, with the training-config keys added since it was written at their
-    defaults (they did not exist, so the run had their default behaviour)."""
+    """A recorded configuration, with the shard-build and training-config keys added since it was written
+    at their defaults (they did not exist, so the run had their default behaviour)."""
     recorded = json.loads(path.read_text())
+    for build in (recorded.get("shards"), recorded.get("experiment", {}).get("shards")):
+        for field in dataclasses.fields(BuildSpec) if build else ():
+            if field.default is not dataclasses.MISSING:
+                build.setdefault(field.name, field.default)
     for cfg in (recorded.get("config"), recorded.get("experiment", {}).get("config")):
         for name, value in [(k, v) for k, v in DEFAULTS.items() if k not in _PER_RUN_KEYS] if cfg else ():
             *parents, key = name.split(".")
