@@ -30,13 +30,14 @@ ALTERNATIVE_REFERENCES = ("spectrum:trusted:100", "feature:train:1000", "spectru
 CONFIG_FILE = "experiment.json"
 # Set per run by run_experiment, so not part of what makes two experiments the same.
 _PER_RUN_KEYS = ("data.shards", "train.out", "train.defense", "train.resume")
+_PER_BUILD_FIELDS = ("out", "workers", "overwrite")  # where and how fast, not what is built
 
 
 def experiment_config(shards: BuildSpec, config: str | None, overrides: list[str],
                       references: tuple[str, ...]) -> dict[str, Any]:
     """Everything that decides an experiment's results, as plain JSON (the training config resolved,
     so a changed config file counts as well as a changed override)."""
-    build = {k: v for k, v in dataclasses.asdict(shards).items() if k not in ("out", "workers", "overwrite")}
+    build = {k: v for k, v in dataclasses.asdict(shards).items() if k not in _PER_BUILD_FIELDS}
     return json.loads(json.dumps({"shards": build, "config": _training_config(config, overrides),
                                   "references": list(references)}))
 
@@ -61,7 +62,7 @@ def _recorded(path: Path) -> dict[str, Any]:
     recorded = json.loads(path.read_text())
     for build in (recorded.get("shards"), recorded.get("experiment", {}).get("shards")):
         for field in dataclasses.fields(BuildSpec) if build else ():
-            if field.default is not dataclasses.MISSING:
+            if field.default is not dataclasses.MISSING and field.name not in _PER_BUILD_FIELDS:
                 build.setdefault(field.name, field.default)
     for cfg in (recorded.get("config"), recorded.get("experiment", {}).get("config")):
         for name, value in [(k, v) for k, v in DEFAULTS.items() if k not in _PER_RUN_KEYS] if cfg else ():
