@@ -13,13 +13,14 @@ Each attack gets a verdict: "attack failed on the baseline" when the undefended 
 0.5 (its MCCI rows then show no DER: there was no backdoor to remove), else "removed" (mind-control
 ASR <= 0.10) or "not removed".
 
-Variants and seeds: ``--variant NAME OVERRIDE...`` (repeatable) adds an MCCI run per attack with those
-training overrides, on the same shards and against the same baseline (``<out>/<attack>/variants/NAME/``;
-they can be added to a finished matrix); ``--seeds 1 2`` trains MCCI and every variant again with each
-of those ``train.seed`` values, and the table gives mean +- standard deviation over the seeds:
+Variants and seeds: ``--variant "NAME: OVERRIDE ..."`` (one argument, repeatable) adds an MCCI run per
+attack with those training overrides, on the same shards and against the same baseline
+(``<out>/<attack>/variants/NAME/``; they can be added to a finished matrix); ``--seeds 1 2`` trains MCCI
+and every variant again with each of those ``train.seed`` values, and the table gives mean ± standard
+deviation over the seeds:
 
-    python -m benchmarks.defense_matrix ... --variant lowpass model.ain_view=spectrum+lowpass \
-        --variant isolate train.mcci_variant=isolate --seeds 1 2
+    python -m benchmarks.defense_matrix ... --variant "lowpass: model.ain_view=spectrum+lowpass" \\
+        --variant "isolate: train.mcci_variant=isolate train.isolate_epoch=2" --seeds 1 2
 """
 from __future__ import annotations
 
@@ -43,6 +44,16 @@ CLEAN_LABEL_RATE = 0.08  # 80 % of the target class when it is a tenth of the da
 BASELINE_ASR_MIN = 0.5
 REMOVED_ASR_MAX = 0.10  # mind-control ASR at or below which a landed backdoor counts as removed
 ATTACK_FAILED = "attack failed on the baseline"
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``"NAME: OVERRIDE OVERRIDE"`` -> (NAME, overrides). One argument, so the matrix's own overrides after
+    it cannot be taken for the variant's."""
+    name, colon, overrides = text.partition(":")
+    if not colon or not name.strip() or not all("=" in o for o in overrides.split()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected \"NAME: KEY=VALUE ...\", e.g. "
+                                         "\"lowpass: model.ain_view=spectrum+lowpass\"")
+    return name.strip(), overrides.split()
 
 
 def verdict(row: dict, runs: list[dict] | None = None) -> str:
@@ -108,15 +119,15 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=0, help="the all-to-one target class")
     parser.add_argument("--out", default="runs/defense-matrix")
     parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME OVERRIDE",
-                        help="one more MCCI run per attack on the same shards and baseline: a name, then its "
-                        "training overrides (e.g. --variant lowpass model.ain_view=spectrum+lowpass); repeatable")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar='"NAME: OVERRIDE ..."',
+                        help="one more MCCI run per attack on the same shards and baseline, with these training "
+                        'overrides (one argument: --variant "lowpass: model.ain_view=spectrum+lowpass"); repeatable')
     parser.add_argument("--seeds", type=int, nargs="+", default=[],
                         help="train MCCI and each variant again with each of these train.seed values")
     parser.add_argument("overrides", nargs="*", help="training overrides, e.g. train.mixed_precision=bf16")
     args = parser.parse_args()
-    variants = {name: overrides for name, *overrides in args.variant}
-    if len(variants) < len(args.variant) or "" in variants:
+    variants = dict(args.variant)
+    if len(variants) < len(args.variant):
         parser.error("each --variant needs a name of its own")
     overrides = [*([] if args.config else QUICKSTART_OVERRIDES), f"train.epochs={args.epochs}", *args.overrides]
     attack_params = yaml.safe_load(open(args.attack_params)) if args.attack_params else {}

@@ -1,5 +1,9 @@
 """The defense matrix's table: an attack that did not backdoor the undefended model is not counted as defended."""
-from benchmarks.defense_matrix import ATTACK_FAILED, table, verdict
+import argparse
+
+import pytest
+
+from benchmarks.defense_matrix import ATTACK_FAILED, parse_variant, table, verdict
 from pipeline.support.plots import defense_matrix_figure
 
 
@@ -60,3 +64,13 @@ def test_the_matrix_figure_draws_a_bar_per_variant():
                                                            "MCCI lowpass, mind control", "MCCI isolate, mind control"]
     heights = [[bar.get_height() for bar in c] for c in asr_axis.containers]
     assert heights == [[0.99, 0.99], [0.98, 0.98], [0.02, 0.02], [0.5, 0.5]]
+
+
+def test_a_variant_is_one_argument_so_the_overrides_after_it_stay_the_matrixs():
+    assert parse_variant("lowpass: model.ain_view=spectrum+lowpass") == ("lowpass", ["model.ain_view=spectrum+lowpass"])
+    assert parse_variant("iso:train.mcci_variant=isolate  train.isolate_epoch=2") == (
+        "iso", ["train.mcci_variant=isolate", "train.isolate_epoch=2"])
+    assert parse_variant("seed-free:") == ("seed-free", [])  # plain MCCI again, e.g. with --seeds
+    for bad in ("lowpass model.ain_view=spectrum+lowpass", ": train.seed=1", "x: model.ain_view"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected"):
+            parse_variant(bad)
