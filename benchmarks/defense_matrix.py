@@ -15,12 +15,12 @@ ASR <= 0.10) or "not removed".
 
 Variants and seeds: ``--variant "NAME: OVERRIDE ..."`` (one argument, repeatable) adds an MCCI run per
 attack with those training overrides, on the same shards and against the same baseline
-(``<out>/<attack>/variants/NAME/``; they can be added to a finished matrix); ``--seeds 1 2`` trains MCCI
+(``<out>/<attack>/variants/NAME/``; they can be added to a finished matrix); ``--seeds 1,2`` trains MCCI
 and every variant again with each of those ``train.seed`` values, and the table gives mean ± standard
 deviation over the seeds:
 
     python -m benchmarks.defense_matrix ... --variant "lowpass: model.ain_view=spectrum+lowpass" \\
-        --variant "isolate: train.mcci_variant=isolate train.isolate_epoch=2" --seeds 1 2
+        --variant "isolate: train.mcci_variant=isolate train.isolate_epoch=2" --seeds 1,2
 """
 from __future__ import annotations
 
@@ -54,6 +54,11 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected \"NAME: KEY=VALUE ...\", e.g. "
                                          "\"lowpass: model.ain_view=spectrum+lowpass\"")
     return name.strip(), overrides.split()
+
+
+def seeded_runs(name: str, overrides: list[str], seeds: list[int]) -> list[tuple[str, list[str]]]:
+    """(run name, overrides): the run with the config's seed, then one per extra seed."""
+    return [(name, overrides)] + [(f"{name}-seed{s}", [*overrides, f"train.seed={s}"]) for s in seeds]
 
 
 def verdict(row: dict, runs: list[dict] | None = None) -> str:
@@ -122,8 +127,8 @@ def main() -> None:
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar='"NAME: OVERRIDE ..."',
                         help="one more MCCI run per attack on the same shards and baseline, with these training "
                         'overrides (one argument: --variant "lowpass: model.ain_view=spectrum+lowpass"); repeatable')
-    parser.add_argument("--seeds", type=int, nargs="+", default=[],
-                        help="train MCCI and each variant again with each of these train.seed values")
+    parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=[], metavar="N,N",
+                        help="train MCCI and each variant again with each of these train.seed values (e.g. 1,2)")
     parser.add_argument("overrides", nargs="*", help="training overrides, e.g. train.mixed_precision=bf16")
     args = parser.parse_args()
     variants = dict(args.variant)
@@ -147,14 +152,10 @@ def main() -> None:
         folder = Path(args.out) / entry.replace(":", "-")
         results = run_experiment(folder, spec, args.config, overrides, references=(), num_workers=args.num_workers)
         row = {"attack": entry, "poison_rate": spec.poison_rate, "attack_params": spec.attack_params, **results}
-
-        def runs(name: str, variant: list[str], base_seed: bool) -> list[dict]:
-            seeds = [(name, variant)] if base_seed else []
-            seeds += [(f"{name}-seed{s}", [*variant, f"train.seed={s}"]) for s in args.seeds]
-            return [run_variant(folder, n, o, args.config, overrides, args.num_workers) for n, o in seeds]
-
-        row["mcci_seeds"] = runs("mcci", [], base_seed=False)
-        row["variants"] = {name: runs(name, variant, base_seed=True) for name, variant in variants.items()}
+        extra = dict(config=args.config, overrides=overrides, num_workers=args.num_workers)
+        row["mcci_seeds"] = [run_variant(folder, n, o, **extra) for n, o in seeded_runs("mcci", [], args.seeds)[1:]]
+        row["variants"] = {name: [run_variant(folder, n, o, **extra) for n, o in seeded_runs(name, variant, args.seeds)]
+                           for name, variant in variants.items()}
         row["verdict"] = verdict(row)
         rows.append(row)
     markdown = table(rows)

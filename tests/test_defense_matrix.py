@@ -1,10 +1,15 @@
 """The defense matrix's table: an attack that did not backdoor the undefended model is not counted as defended."""
 import argparse
+import json
+import sys
 
 import pytest
+import yaml
 
-from benchmarks.defense_matrix import ATTACK_FAILED, parse_variant, table, verdict
+from benchmarks.defense_matrix import ATTACK_FAILED, main, parse_variant, table, verdict
 from pipeline.support.plots import defense_matrix_figure
+
+from conftest import TINY_TRAIN, make_image_tree
 
 
 def _row(attack: str, baseline_asr: float, mind_control_asr: float) -> dict:
@@ -74,3 +79,29 @@ def test_a_variant_is_one_argument_so_the_overrides_after_it_stay_the_matrixs():
     for bad in ("lowpass model.ain_view=spectrum+lowpass", ": train.seed=1", "x: model.ain_view"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected"):
             parse_variant(bad)
+
+
+def test_the_matrix_trains_each_variant_and_seed_beside_mcci_and_tables_them(tmp_path, monkeypatch):
+    out = tmp_path / "matrix"
+    images = make_image_tree(tmp_path / "data", per_class=50)  # the matrix keeps 100 trusted images
+    argv = ["defense_matrix", "--source", str(images), "--attacks", "badnets", "--epochs", "1", "--out", str(out),
+            "--variant", "narrow: model.ain_widths=[4,4,4]", "--seeds", "1", *TINY_TRAIN]  # the overrides follow
+    monkeypatch.setattr(sys, "argv", argv)
+    main()
+    result = json.loads((out / "defense_matrix.json").read_text())
+    row = result["rows"][0]
+    assert result["variants"] == {"narrow": ["model.ain_widths=[4,4,4]"]} and result["seeds"] == [1]
+    assert len(row["mcci_seeds"]) == 1 and len(row["variants"]["narrow"]) == 2
+    runs = out / "badnets" / "variants"
+    assert sorted(p.name for p in runs.iterdir()) == ["mcci-seed1", "narrow", "narrow-seed1"]
+    for name, widths, seed in (("mcci-seed1", [8, 8, 8], 1), ("narrow", [4, 4, 4], 0), ("narrow-seed1", [4, 4, 4], 1)):
+        saved = yaml.safe_load((runs / name / "mcci" / "model" / "config.yaml").read_text())
+        assert (saved["model"]["ain_widths"], saved["train"]["seed"]) == (widths, seed)
+        assert saved["data"]["augment"] == row_config(out)["data"]["augment"]  # the matrix's own overrides kept
+    labels = [line.split("|")[3].strip() for line in (out / "defense_matrix.md").read_text().splitlines()[2:]]
+    assert labels == ["baseline", "MCCI own spectrum (2 seeds)", "MCCI mind control (2 seeds)",
+                      "MCCI narrow own spectrum (2 seeds)", "MCCI narrow mind control (2 seeds)"]
+
+
+def row_config(out) -> dict:
+    return json.loads((out / "badnets" / "experiment.json").read_text())["config"]
