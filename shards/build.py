@@ -33,6 +33,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -247,16 +248,58 @@ def _stop_on_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def _pool_results(pool: Any, jobs: list) -> Iterator[dict[str, Any]]:
-    """``pool.imap`` in order, waking twice a second to honour a signal whose exception was swallowed."""
-    results = pool.imap(_write_shard, jobs)
-    for _ in jobs:
-        while True:
-            try:
-                yield results.next(timeout=0.5)
-                break
-            except mp.TimeoutError:
-                _stop_if_signalled()
+def _worker(state: dict[str, Any], jobs: list[tuple[int, tuple]], results: Any) -> None:
+    """A shard-writing process: writes its ``(index, job)`` list, putting ``(index, result)`` on ``results``,
+    or ``(index, exception)`` and stopping at the first error (the main process raises it)."""
+    _init_worker(state, in_pool=True)
+    for index, job in jobs:
+        try:
+            results.put((index, _write_shard(job)))
+        except Exception as e:
+            results.put((index, e))
+            return
+
+
+def _parallel_results(ctx: Any, workers: int, state: dict[str, Any], jobs: list) -> Iterator[dict[str, Any]]:
+    """``_write_shard`` of every job in ``workers`` processes (job i in process i mod workers), yielded in
+    job order, waking twice a second to honour a signal. On any exit (done, error, signal) the processes
+    are terminated and joined. Not multiprocessing.Pool: its terminate() takes the task queue's lock,
+    which a worker waiting for a task holds, so interrupting a build with an idle worker hung forever."""
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(state, list(enumerate(jobs))[k::workers], results), daemon=True)
+             for k in range(workers)]
+    try:
+        # Signals wait while the workers fork (a handler raising inside fork's hooks is lost);
+        # the workers unblock them in _init_worker.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            for proc in procs:
+                proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        finished: dict[int, dict[str, Any]] = {}
+        for index in range(len(jobs)):
+            while index not in finished:
+                try:
+                    done, result = results.get(timeout=0.5)
+                except queue.Empty:
+                    _stop_if_signalled()
+                    crashed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if crashed:
+                        raise ShardBuildError(f"a shard-writing process died (exit code {crashed[0]}; -9 is usually "
+                                              "the out-of-memory killer): rerun with fewer --workers") from None
+                    continue
+                if isinstance(result, Exception):
+                    raise result
+                finished[done] = result
+            yield finished.pop(index)
+    finally:
+        started = [proc for proc in procs if proc.pid is not None]  # a signal can stop the loop that starts them
+        for proc in started:
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: the workers restored its default action
+        for proc in started:
+            proc.join()
 
 
 def fit_image(image: Image.Image, size: int | None, crop_pct: float = 1.0) -> np.ndarray:
@@ -280,7 +323,7 @@ def _init_worker(state: dict[str, Any], in_pool: bool = False) -> None:
     _STATE.update(state)
     if in_pool:
         # Ctrl-C reaches the whole process group: the main process alone handles it and terminates
-        # the pool; SIGTERM (what terminate sends) gets its default back, ending the worker at once.
+        # the workers; SIGTERM (what terminate sends) gets its default back, ending the worker at once.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -463,17 +506,9 @@ def _build_into(spec: BuildSpec, staging: Path, progress: bool) -> dict[str, Any
                 bar.update(results[-1]["count"])
         else:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            # Signals wait while the workers fork (a handler raising inside fork's hooks is lost);
-            # the workers unblock them in _init_worker.
-            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-            try:
-                pool = ctx.Pool(workers, initializer=_init_worker, initargs=(state, True))
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-            with pool:
-                for r in _pool_results(pool, jobs):
-                    results.append(r)
-                    bar.update(r["count"])
+            for r in _parallel_results(ctx, workers, state, jobs):
+                results.append(r)
+                bar.update(r["count"])
     shutil.rmtree(staging / ".extract", ignore_errors=True)
 
     manifest = {
