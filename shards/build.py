@@ -251,7 +251,7 @@ def _stop_on_signals() -> Iterator[None]:
 def _worker(state: dict[str, Any], jobs: list[tuple[int, tuple]], results: Any) -> None:
     """A shard-writing process: writes its ``(index, job)`` list, putting ``(index, result)`` on ``results``,
     or ``(index, exception)`` and stopping at the first error (the main process raises it)."""
-    _init_worker(state, in_pool=True)
+    _init_worker(state, in_worker=True)
     for index, job in jobs:
         try:
             results.put((index, _write_shard(job)))
@@ -319,9 +319,9 @@ def fit_image(image: Image.Image, size: int | None, crop_pct: float = 1.0) -> np
 _STATE: dict[str, Any] = {}
 
 
-def _init_worker(state: dict[str, Any], in_pool: bool = False) -> None:
+def _init_worker(state: dict[str, Any], in_worker: bool = False) -> None:
     _STATE.update(state)
-    if in_pool:
+    if in_worker:
         # Ctrl-C reaches the whole process group: the main process alone handles it and terminates
         # the workers; SIGTERM (what terminate sends) gets its default back, ending the worker at once.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
