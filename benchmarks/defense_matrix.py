@@ -142,10 +142,11 @@ def main() -> None:
         mode = mode or "all-to-one"
         if attack not in ATTACKS or mode not in MODES:
             parser.error(f"unknown attack {entry!r}; attacks: {sorted(ATTACKS)}, each optionally :all-to-all")
-        clean_label = ATTACKS[attack].clean_label
+        params = attack_params.get(attack, {})
+        clean_label = ATTACKS[attack].is_clean_label(params)
         spec = BuildSpec(source=args.source, test_source=args.test_source, out="", attack=attack, mode=mode,
                          poison_rate=CLEAN_LABEL_RATE if clean_label else DIRTY_LABEL_RATE, target=args.target,
-                         attack_params=attack_params.get(attack, {}), image_size=args.image_size,
+                         attack_params=params, image_size=args.image_size,
                          shard_size=1000 if args.test_source else 256, max_train=args.max_train,
                          max_test=args.max_test)
         print(f"=== {entry} ===", flush=True)

@@ -351,10 +351,55 @@ def test_refool_blends_a_reflection_from_the_pool(tmp_path):
     Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(folder / "white.png")
     from_folder = build_attack("refool", {"reflection_dir": str(folder)}, 16, 0)
     assert from_folder.pool.shape == (1, 16, 16, 3) and "reflection_dir" in from_folder.assets
-    dark = np.full((16, 16, 3), 30, np.uint8)
-    assert all((from_folder.apply(dark, i) >= dark).all() for i in range(4))  # a white reflection only brightens
     with pytest.raises(ShardBuildError, match="has no images"):
         build_attack("refool", {"reflection_dir": str(tmp_path / "none")}, 16, 0)
+
+
+@pytest.mark.parametrize("ghost_rate", [0.0, 1.0])  # out of focus, ghost
+def test_refool_weights_the_image_by_alpha_t_in_linear_light(tmp_path, ghost_rate):
+    folder = tmp_path / "reflections"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "black.png")
+    attack = build_attack("refool", {"reflection_dir": str(folder), "alpha_t": 0.4, "ghost_rate": ghost_rate}, 16, 0)
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3)).astype(np.uint8)
+    # a black reflection adds nothing: what is left is the image at weight 0.4 in linear light (gamma 2.2)
+    np.testing.assert_allclose(attack.apply(image, 3), np.rint(0.4 ** (1 / 2.2) * image), atol=1)
+
+
+def test_refool_out_of_focus_reflection_fades_towards_the_corners(tmp_path):
+    from shards.attacks.refool import vignette
+
+    mask = vignette(32)
+    assert mask.shape == (32, 32) and mask.max() == pytest.approx(1.0) and mask[0, 0] < 0.02
+    folder = tmp_path / "reflections"
+    folder.mkdir()
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(folder / "white.png")
+    attack = build_attack("refool", {"reflection_dir": str(folder), "alpha_t": 0.4, "ghost_rate": 0.0}, 32, 0)
+    out = attack.apply(np.zeros((32, 32, 3), np.uint8), 0).astype(int)
+    assert out[16, 16, 0] > 200 and out[0, 0, 0] < 40  # the authors' vignette: bright in the middle, dark at the edge
+
+
+def test_refool_dirty_label_is_backdoorbenchs_setting(image_tree, tmp_path):
+    import json
+
+    import webdataset as wds
+
+    from shards.attacks import ATTACKS
+    from shards.build import BuildSpec, build_shards
+
+    assert ATTACKS["refool"].is_clean_label({}) and not ATTACKS["refool"].is_clean_label({"label": "dirty"})
+    with pytest.raises(ShardBuildError, match="label must be clean .* or dirty"):
+        build_attack("refool", {"label": "both"}, 16, 0)
+    with pytest.raises(ShardBuildError, match="alpha_t"):
+        build_attack("refool", {"alpha_t": 1.5}, 16, 0)
+    m = build_shards(BuildSpec(source=str(image_tree), out=str(tmp_path / "s"), attack="refool", poison_rate=0.2,
+                               target=1, trusted_count=0, attack_params={"label": "dirty", "alpha_t": 0.4}),
+                     progress=False)
+    assert not m["attack"]["clean_label"]
+    urls = [str(tmp_path / "s" / s["path"]) for s in m["splits"]["train"]["shards"]]
+    poisoned = [meta for meta in (json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False,
+                                                                                  empty_check=False)) if meta["poisoned"]]
+    assert poisoned and all(x["orig_label"] != 1 and x["label"] == 1 for x in poisoned)  # other classes, relabelled
 
 
 def test_label_consistent_perturbs_within_eps_and_stamps_four_corners(tmp_path):

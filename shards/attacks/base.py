@@ -56,7 +56,7 @@ class Attack:
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
-    clean_label: ClassVar[bool] = False
+    clean_label: bool = False  # an attack whose parameters choose it overrides ``is_clean_label``
     # True when JPEG would damage the trigger: ``--format auto`` then stores PNG at every size
     lossless: ClassVar[bool] = False
 
@@ -66,9 +66,15 @@ class Attack:
             raise ShardBuildError(f"attack {self.name!r} has no parameter(s) {sorted(unknown)}; "
                                   f"its parameters are {sorted(self.defaults)}")
         self.params = {**self.defaults, **params}
+        self.clean_label = self.is_clean_label(self.params)
         self.image_size = image_size
         self.seed = seed
         self.assets: dict[str, str] = {}  # asset name -> sha256, recorded in the manifest
+
+    @classmethod
+    def is_clean_label(cls, params: dict[str, Any]) -> bool:
+        """Whether the attack, with these parameters, keeps the poisoned samples' labels."""
+        return cls.clean_label
 
     def prepare(self, context: AttackContext) -> None:
         """Called once, in the main process, before shards are written."""
