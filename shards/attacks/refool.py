@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.ndimage
@@ -51,7 +52,7 @@ class Refool(Attack):
     defaults = {"reflection_dir": None, "pool_size": 200, "ghost_rate": 0.49, "alpha_t": None, "label": "clean"}
 
     @classmethod
-    def is_clean_label(cls, params):
+    def is_clean_label(cls, params: dict[str, Any]) -> bool:
         label = {**cls.defaults, **params}["label"]
         if label not in ("clean", "dirty"):
             raise ShardBuildError(f"refool label must be clean (the paper's: target-class images, labels kept) or "
