@@ -40,6 +40,13 @@ class MCCI(nn.Module):
     def fuse(self, sfrn_features: torch.Tensor, ain_features: torch.Tensor) -> torch.Tensor:
         return self.head(torch.cat([sfrn_features, ain_features.to(sfrn_features.dtype)], dim=1))
 
+    def halves(self, sfrn_features: torch.Tensor, ain_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each network's half of the head alone, each with the bias: (SFRN logits, AIN logits). The head is
+        linear, so the fused logits are the two halves' sum, less one bias."""
+        split = sfrn_features.shape[1]
+        return (F.linear(sfrn_features, self.head.weight[:, :split], self.head.bias),
+                F.linear(ain_features.to(sfrn_features.dtype), self.head.weight[:, split:], self.head.bias))
+
     def forward(self, images: torch.Tensor, spectra: torch.Tensor | None = None,
                 return_parts: bool = False) -> torch.Tensor | MCCIParts:
         """With ``spectra``: the model as trained (each input's own spectrum); ``return_parts`` also
@@ -50,11 +57,7 @@ class MCCI(nn.Module):
             logits = self.fuse(sfrn_features, ain_features)
             if not return_parts:
                 return logits
-            # the head is linear: the fused logits are the two halves' sum, less one bias
-            split = sfrn_features.shape[1]
-            sfrn_logits = F.linear(sfrn_features, self.head.weight[:, :split], self.head.bias)
-            ain_logits = F.linear(ain_features.to(sfrn_features.dtype), self.head.weight[:, split:], self.head.bias)
-            return MCCIParts(logits, sfrn_features, ain_features, sfrn_logits, ain_logits)
+            return MCCIParts(logits, sfrn_features, ain_features, *self.halves(sfrn_features, ain_features))
         if not bool(self.has_reference):
             raise RuntimeError("this MCCI model has no mind-control reference yet; set one with MCCI.set_reference, "
                                "or load the model folder `mcci train` saved (it holds one)")

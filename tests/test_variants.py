@@ -15,10 +15,10 @@ from conftest import TINY_TRAIN
 from mcci_models import MCCI, create_model_from_config
 from pipeline.cli import main
 from pipeline.components.checkpoint import save_model
-from pipeline.components.isolation import flagged_indices
+from pipeline.components.isolation import flagged_indices, isolation_rows
 from pipeline.components.models import build_model, build_transform, load_trained
 from pipeline.components.run_checks import check_resume_identity
-from pipeline.components.scoring import score_batches
+from pipeline.components.scoring import COLUMNS, score_batches, summarise
 from pipeline.data.batches import Batch
 from pipeline.data.transforms import InputTransform, lowpass_view
 from pipeline.support.config import AugmentConfig, load_config, to_dict
@@ -69,6 +69,31 @@ def test_isolation_flags_exactly_the_samples_whose_label_only_the_ain_explains()
     rows = score_batches(model, [batch], transform, torch.device("cpu"))
     assert flagged_indices(rows) == [20, 21]
 
+    # ABL's rule read off the AIN: the triggered images labelled 0, the target-class one included, are what the
+    # AIN alone fits best (its push to class 0 saturated); without a trigger it says nothing (chance: log 3)
+    ain_loss = dict(zip(rows[:, COLUMNS.index("index")].tolist(), rows[:, COLUMNS.index("ain_loss")].tolist()))
+    assert max(ain_loss[i] for i in (20, 21, 30)) < 0.01
+    assert [ain_loss[i] for i in (10, 11, 12, 40)] == pytest.approx([math.log(3)] * 4)
+    assert flagged_indices(rows, isolation_rows(rows, "ain_loss", 3 / 7)) == [20, 21, 30]
+    assert flagged_indices(rows, isolation_rows(rows, "audit")) == [20, 21]
+
+
+def test_ain_loss_isolation_takes_the_lowest_losses_breaks_ties_by_index_and_is_summarised_by_them():
+    # index, label, orig_label, poisoned, own_pred, mind_control_pred, score, ain_loss
+    rows = torch.tensor([[7, 0, 0, 1, 0, 0, 0.0, 0.05],  # a clean-label poisoned sample: the audit misses it
+                         [3, 0, 0, 1, 0, 0, 0.0, 0.10],
+                         [5, 0, 0, 1, 0, 0, 0.0, 0.10],  # ties with index 3: the lower index goes first
+                         [2, 1, 1, 0, 1, 1, 0.0, 2.00],
+                         [9, 2, 2, 0, 2, 2, 0.0, 1.50]], dtype=torch.float64)
+    flagged = isolation_rows(rows, "ain_loss", 0.4)
+    assert flagged_indices(rows, flagged) == [3, 7]
+    assert flagged_indices(rows.flip(0), isolation_rows(rows.flip(0), "ain_loss", 0.4)) == [3, 7]  # any row order
+    assert isolation_rows(rows, "audit").sum() == 0  # no label conflict: nothing for the audit's rule
+    summary = summarise(rows, flagged, -rows[:, COLUMNS.index("ain_loss")])
+    truth = summary["recorded_poisoned"]
+    assert (summary["flagged"], truth["flagged"], truth["precision"]) == (2, 2, 1.0)
+    assert truth["recall"] == pytest.approx(2 / 3, abs=1e-4) and truth["auroc"] == 1.0  # every poisoned fitted best
+
 
 ISOLATE = [*TINY_TRAIN, "train.mcci_variant=isolate", "train.epochs=5", "train.isolate_epoch=4", "train.eval_every=0",
            "train.checkpoint_every=3", "train.keep_checkpoints=20"]  # 5 steps an epoch: the switch at step 20
@@ -82,7 +107,7 @@ def test_isolate_trains_switches_once_and_a_resume_reproduces_the_flagged_set(ti
     run = [f"data.shards={tiny_shards}", *ISOLATE]
     straight = tmp_path / "straight"
     main(["train", *run, f"train.out={straight}"])
-    assert "isolation after epoch 4:" in capsys.readouterr().out
+    assert "isolation after epoch 4 (audit):" in capsys.readouterr().out
     record = json.loads((straight / "isolation.json").read_text())
     assert record["epoch"] == 4 and record["step"] == 20 and record["samples"] == 42  # every training sample once
     assert 0 < record["flagged"] == len(record["flagged_indices"])  # this recipe fits some poison through the AIN
@@ -107,6 +132,16 @@ def test_isolate_trains_switches_once_and_a_resume_reproduces_the_flagged_set(ti
         resumed = load_file(str(crashed / "model" / "model.safetensors"))
         for key in final:  # deterministic on the CPU: the resumed run is the uninterrupted run
             torch.testing.assert_close(resumed[key], final[key], rtol=0, atol=0, msg=key)
+
+
+def test_isolate_by_ain_loss_flags_its_fraction_and_records_its_rule(tiny_shards, tmp_path, capsys):
+    run = tmp_path / "ain-loss"
+    main(["train", f"data.shards={tiny_shards}", *ISOLATE, "train.isolate_by=ain_loss", "train.isolate_fraction=0.1",
+          f"train.out={run}"])
+    assert "isolation after epoch 4 (ain_loss): 4 of 42" in capsys.readouterr().out
+    record = json.loads((run / "isolation.json").read_text())
+    assert (record["rule"], record["fraction"], record["flagged"]) == ("ain_loss", 0.1, 4)
+    assert len(record["flagged_indices"]) == 4 and 0 <= record["recorded_poisoned"]["auroc"] <= 1
 
 
 @pytest.mark.parametrize("overrides, message", [

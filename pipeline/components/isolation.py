@@ -1,6 +1,12 @@
-"""The ``isolate`` variant's switch: mid-training, the audit's rule (``pipeline/components/scoring.py``)
-isolates the training samples whose label only the AIN explains, as Anti-Backdoor Learning (Li et al.,
-NeurIPS 2021) isolates its low-loss samples; ``losses.unlearning_loss`` then unlearns them.
+"""The ``isolate`` variant's switch: mid-training, a rule picks the training samples to unlearn, as Anti-Backdoor
+Learning (Li et al., NeurIPS 2021) isolates its low-loss samples; ``losses.unlearning_loss`` then unlearns them.
+``train.isolate_by``:
+
+- ``audit``: the audit's rule (``pipeline/components/scoring.py``), the samples whose label only the AIN
+  explains. It needs a label that conflicts with the image (dirty-label poison).
+- ``ain_loss``: ABL's own rule read off the AIN: the ``train.isolate_fraction`` of samples that the AIN's half
+  of the head fits best (lowest cross-entropy). A clean-label trigger (SIG) conflicts with no label, but an AIN
+  that takes it fits the poisoned images sooner than any clean ones.
 
 The record of a switch (the audit's summary, with precision and recall where the shards record the
 poison, and the sorted flagged sample indices) is plain JSON: ``isolation.json`` in the run folder and
@@ -42,18 +48,37 @@ def isolate(model: MCCI, cfg: Config, manifest: dict[str, Any], transform: Input
         rows = score_samples(model, cfg.data.shards, manifest, "train", transform, device, cfg.data.eval_batch_size,
                              cfg.data.num_workers, stream)
     rows = torch.cat(gather_object([rows]))
-    return {**summarise(rows), "flagged_indices": flagged_indices(rows)}
+    rule, fraction = cfg.train.isolate_by, cfg.train.isolate_fraction
+    flagged = isolation_rows(rows, rule, fraction)
+    # the summary's AUROC ranks by the rule's own score: the audit's, or how well the AIN fits a sample
+    score = -rows[:, COLUMNS.index("ain_loss")] if rule == "ain_loss" else None
+    return {"rule": rule, **({"fraction": fraction} if rule == "ain_loss" else {}),
+            **summarise(rows, flagged, score), "flagged_indices": flagged_indices(rows, flagged)}
 
 
-def flagged_indices(rows: torch.Tensor) -> list[int]:
-    """The sample indices the audit's rule flags among scored rows (``scoring.COLUMNS``), sorted."""
-    return sorted(int(i) for i in rows[flagged_rows(rows), COLUMNS.index("index")].tolist())
+def isolation_rows(rows: torch.Tensor, rule: str = "audit", fraction: float = 0.01) -> torch.Tensor:
+    """Which scored rows (``scoring.COLUMNS``) the rule isolates, as a bool mask: ``audit``, the audit's rule;
+    ``ain_loss``, the ``fraction`` of rows with the lowest AIN-alone loss (ties by sample index, so every
+    world size picks the same set)."""
+    if rule == "audit":
+        return flagged_rows(rows)
+    by_index = rows[:, COLUMNS.index("index")].argsort()
+    order = by_index[rows[by_index, COLUMNS.index("ain_loss")].argsort(stable=True)]
+    mask = torch.zeros(len(rows), dtype=torch.bool)
+    mask[order[:round(fraction * len(rows))]] = True
+    return mask
+
+
+def flagged_indices(rows: torch.Tensor, flagged: torch.Tensor | None = None) -> list[int]:
+    """The sample indices of the flagged rows (default: the audit's rule) among scored rows, sorted."""
+    flagged = flagged_rows(rows) if flagged is None else flagged
+    return sorted(int(i) for i in rows[flagged, COLUMNS.index("index")].tolist())
 
 
 def describe_isolation(record: dict[str, Any]) -> str:
     """One line for the console: how many were flagged and, where the shards record the poison, how well."""
-    line = (f"isolation after epoch {record['epoch']}: {record['flagged']} of {record['samples']} training samples "
-            "flagged, unlearned from now on")
+    line = (f"isolation after epoch {record['epoch']} ({record.get('rule', 'audit')}): {record['flagged']} of "
+            f"{record['samples']} training samples flagged, unlearned from now on")
     truth = record.get("recorded_poisoned")
     if truth:
         line += (f"; {truth['flagged']} of the {truth['count']} recorded poisoned (precision {truth['precision']:.3f}, "

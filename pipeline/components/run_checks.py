@@ -11,8 +11,8 @@ from pipeline.support.errors import ConfigError, ShardError
 RUN_SECTIONS = ("model", "spectrum", "optim")
 RUN_KEYS = ("data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.mean", "data.std", "data.augment",
             "train.defense", "train.epochs", "train.seed", "train.mixed_precision", "train.grad_accumulation",
-            "train.mcci_variant", "train.mcci_variant_weight", "train.isolate_epoch", "train.freeze_bn_stats",
-            "train.ema_decay")
+            "train.mcci_variant", "train.mcci_variant_weight", "train.isolate_epoch", "train.isolate_by",
+            "train.isolate_fraction", "train.freeze_bn_stats", "train.ema_decay")
 FP16_MAX = 65504.0
 # every key's default, as an identity holds it: a key added after a checkpoint was written is unchanged at its default
 DEFAULTS = {name: list(value) if isinstance(value, tuple) else value for name, _, value in keys()}

@@ -7,7 +7,8 @@ are compared on the same SFRN features:
 
 A sample is **flagged** when the model as trained predicts its label and mind control does not. ``mcci
 audit`` (``pipeline/jobs/audit.py``) ranks a trained model's training set with these; the ``isolate``
-training variant (``pipeline/components/isolation.py``) flags samples with them mid-training.
+training variant (``pipeline/components/isolation.py``) flags samples with them mid-training, or with
+``ain_loss``, the cross-entropy of the AIN's half of the head alone (what the AIN fits by itself).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from pipeline.data.storage import DEFAULT_STREAM, StreamOptions
 from pipeline.data.transforms import InputTransform
 from pipeline.support.errors import JobError
 
-COLUMNS = ("index", "label", "orig_label", "poisoned", "own_pred", "mind_control_pred", "score")
+COLUMNS = ("index", "label", "orig_label", "poisoned", "own_pred", "mind_control_pred", "score", "ain_loss")
+FLOAT_COLUMNS = ("score", "ain_loss")
 
 
 @torch.no_grad()
@@ -43,9 +45,11 @@ def score_batches(model: MCCI, batches: Iterable[Batch], transform: InputTransfo
         mind_control = F.log_softmax(model.fuse(sfrn_features, reference).float(), dim=1)
         label = batch.labels[:, None]
         score = (own.gather(1, label) - mind_control.gather(1, label))[:, 0]
+        ain_loss = F.cross_entropy(model.halves(sfrn_features, ain_features)[1].float(), batch.labels,
+                                   reduction="none")
         rows.append(torch.stack([batch.indices.double(), batch.labels.double(), batch.orig_labels.double(),
                                  batch.poisoned.double(), own.argmax(1).double(), mind_control.argmax(1).double(),
-                                 score.double()], dim=1).cpu())
+                                 score.double(), ain_loss.double()], dim=1).cpu())
     return torch.cat(rows) if rows else torch.zeros(0, len(COLUMNS), dtype=torch.float64)
 
 
@@ -63,15 +67,18 @@ def flagged_rows(rows: torch.Tensor) -> torch.Tensor:
     return (rows[:, COLUMNS.index("own_pred")] == label) & (rows[:, COLUMNS.index("mind_control_pred")] != label)
 
 
-def summarise(rows: torch.Tensor) -> dict[str, Any]:
-    """Counts and, where samples were recorded as poisoned, how well the audit finds them."""
+def summarise(rows: torch.Tensor, flagged: torch.Tensor | None = None,
+              score: torch.Tensor | None = None) -> dict[str, Any]:
+    """Counts and, where samples were recorded as poisoned, how well the flags find them. ``flagged`` (bool
+    per row) and ``score`` (higher: more suspect) default to the audit's rule and score."""
     col = {name: rows[:, i] for i, name in enumerate(COLUMNS)}
-    flagged = flagged_rows(rows)
+    flagged = flagged_rows(rows) if flagged is None else flagged
+    score = col["score"] if score is None else score
     poisoned = col["poisoned"].bool()
     summary: dict[str, Any] = {
         "samples": len(rows), "flagged": int(flagged.sum()),
         "flagged_fraction": round(float(flagged.float().mean()), 6) if len(rows) else 0.0,
-        "score_quantiles": {f"p{q}": round(float(torch.quantile(col["score"], q / 100)), 4)
+        "score_quantiles": {f"p{q}": round(float(torch.quantile(score, q / 100)), 4)
                             for q in (50, 90, 99)} if len(rows) else {},
     }
     if 0 < int(poisoned.sum()) < len(rows):
@@ -80,9 +87,9 @@ def summarise(rows: torch.Tensor) -> dict[str, Any]:
             "count": int(poisoned.sum()), "flagged": hits,
             "precision": round(hits / max(int(flagged.sum()), 1), 4),
             "recall": round(hits / int(poisoned.sum()), 4),
-            "auroc": round(float(roc_auc_score(poisoned.numpy(), col["score"].numpy())), 4),
+            "auroc": round(float(roc_auc_score(poisoned.numpy(), score.numpy())), 4),
             # of the k highest scores, k = the recorded count: the figure a fixed review budget sees
-            "precision_at_count": round(float(poisoned[col["score"].argsort(descending=True)[:int(poisoned.sum())]]
+            "precision_at_count": round(float(poisoned[score.argsort(descending=True)[:int(poisoned.sum())]]
                                               .float().mean()), 4),
         }
     return summary

@@ -29,7 +29,7 @@ from accelerate.utils import gather_object
 from mcci_models import MCCI
 from pipeline.components.models import build_transform, job_device, load_matching_manifest, load_trained
 # the scores and the rule live in components, where the isolate training variant uses them too
-from pipeline.components.scoring import COLUMNS, flagged_rows, score_samples, summarise
+from pipeline.components.scoring import COLUMNS, FLOAT_COLUMNS, flagged_rows, score_samples, summarise
 from pipeline.data.storage import StreamOptions
 from pipeline.support.errors import JobError
 from pipeline.support.plots import plt, save_figure
@@ -77,7 +77,7 @@ def audit(checkpoint: str | Path, shards: str, out: str | Path, split: str = "tr
     out.mkdir(parents=True, exist_ok=True)
     lines = []
     for row, flagged in zip(rows.tolist(), flagged_rows(rows).tolist()):
-        record = {name: (int(v) if name != "score" else round(v, 5)) for name, v in zip(COLUMNS, row)}
+        record = {name: round(v, 5) if name in FLOAT_COLUMNS else int(v) for name, v in zip(COLUMNS, row)}
         record["poisoned"] = bool(record["poisoned"])
         record["flagged"] = flagged
         lines.append(record)
