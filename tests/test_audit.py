@@ -29,12 +29,12 @@ def test_score_is_the_label_log_probability_the_own_spectrum_adds(trained, tiny_
 
 
 def test_summary_against_recorded_poison():
-    # index, label, orig_label, poisoned, own_pred, mind_control_pred, score, ain_loss (unused by the audit)
-    rows = torch.tensor([[0, 0, 1, 1, 0, 1, 5.0, 1.0],   # poisoned, flagged
-                         [1, 0, 2, 1, 0, 2, 4.0, 1.0],   # poisoned, flagged
-                         [2, 1, 1, 0, 1, 2, 3.0, 1.0],   # clean, flagged (fitted only through the AIN)
-                         [3, 2, 2, 0, 2, 2, 0.1, 1.0],   # clean, not flagged
-                         [4, 0, 1, 1, 1, 1, 2.0, 1.0]],  # poisoned, missed (the model did not fit its label)
+    # index, label, orig_label, poisoned, own_pred, mind_control_pred, score, loss, ain_loss (the last two unused)
+    rows = torch.tensor([[0, 0, 1, 1, 0, 1, 5.0, 1.0, 1.0],   # poisoned, flagged
+                         [1, 0, 2, 1, 0, 2, 4.0, 1.0, 1.0],   # poisoned, flagged
+                         [2, 1, 1, 0, 1, 2, 3.0, 1.0, 1.0],   # clean, flagged (fitted only through the AIN)
+                         [3, 2, 2, 0, 2, 2, 0.1, 1.0, 1.0],   # clean, not flagged
+                         [4, 0, 1, 1, 1, 1, 2.0, 1.0, 1.0]],  # poisoned, missed (the model did not fit its label)
                         dtype=torch.float64)
     summary = summarise(rows)
     assert (summary["samples"], summary["flagged"]) == (5, 3)

@@ -76,18 +76,25 @@ def test_isolation_flags_exactly_the_samples_whose_label_only_the_ain_explains()
     assert [ain_loss[i] for i in (10, 11, 12, 40)] == pytest.approx([math.log(3)] * 4)
     assert flagged_indices(rows, isolation_rows(rows, "ain_loss", 3 / 7)) == [20, 21, 30]
     assert flagged_indices(rows, isolation_rows(rows, "audit")) == [20, 21]
+    # ABL's plain rule reads the model's own cross-entropy
+    with torch.no_grad():
+        inputs = transform(batch.images, train=False)
+        own_loss = torch.nn.functional.cross_entropy(model(inputs.images, inputs.spectra), batch.labels,
+                                                     reduction="none")
+    torch.testing.assert_close(rows[:, COLUMNS.index("loss")], own_loss.double())
 
 
-def test_ain_loss_isolation_takes_the_lowest_losses_breaks_ties_by_index_and_is_summarised_by_them():
-    # index, label, orig_label, poisoned, own_pred, mind_control_pred, score, ain_loss
-    rows = torch.tensor([[7, 0, 0, 1, 0, 0, 0.0, 0.05],  # a clean-label poisoned sample: the audit misses it
-                         [3, 0, 0, 1, 0, 0, 0.0, 0.10],
-                         [5, 0, 0, 1, 0, 0, 0.0, 0.10],  # ties with index 3: the lower index goes first
-                         [2, 1, 1, 0, 1, 1, 0.0, 2.00],
-                         [9, 2, 2, 0, 2, 2, 0.0, 1.50]], dtype=torch.float64)
+def test_loss_isolation_takes_the_lowest_losses_of_its_column_breaks_ties_by_index_and_is_summarised_by_them():
+    # index, label, orig_label, poisoned, own_pred, mind_control_pred, score, loss, ain_loss
+    rows = torch.tensor([[7, 0, 0, 1, 0, 0, 0.0, 0.9, 0.05],  # a clean-label poisoned sample: the audit misses it
+                         [3, 0, 0, 1, 0, 0, 0.0, 0.9, 0.10],
+                         [5, 0, 0, 1, 0, 0, 0.0, 0.2, 0.10],  # ties with index 3: the lower index goes first
+                         [2, 1, 1, 0, 1, 1, 0.0, 0.1, 2.00],
+                         [9, 2, 2, 0, 2, 2, 0.0, 0.3, 1.50]], dtype=torch.float64)
     flagged = isolation_rows(rows, "ain_loss", 0.4)
     assert flagged_indices(rows, flagged) == [3, 7]
     assert flagged_indices(rows.flip(0), isolation_rows(rows.flip(0), "ain_loss", 0.4)) == [3, 7]  # any row order
+    assert flagged_indices(rows, isolation_rows(rows, "loss", 0.4)) == [2, 5]  # each rule reads its own column
     assert isolation_rows(rows, "audit").sum() == 0  # no label conflict: nothing for the audit's rule
     summary = summarise(rows, flagged, -rows[:, COLUMNS.index("ain_loss")])
     truth = summary["recorded_poisoned"]
@@ -134,7 +141,7 @@ def test_isolate_trains_switches_once_and_a_resume_reproduces_the_flagged_set(ti
             torch.testing.assert_close(resumed[key], final[key], rtol=0, atol=0, msg=key)
 
 
-def test_isolate_by_ain_loss_flags_its_fraction_and_records_its_rule(tiny_shards, tmp_path, capsys):
+def test_isolate_by_a_loss_flags_its_fraction_and_records_its_rule(tiny_shards, tmp_path, capsys):
     run = tmp_path / "ain-loss"
     main(["train", f"data.shards={tiny_shards}", *ISOLATE, "train.isolate_by=ain_loss", "train.isolate_fraction=0.1",
           f"train.out={run}"])

@@ -4,9 +4,9 @@ Learning (Li et al., NeurIPS 2021) isolates its low-loss samples; ``losses.unlea
 
 - ``audit``: the audit's rule (``pipeline/components/scoring.py``), the samples whose label only the AIN
   explains. It needs a label that conflicts with the image (dirty-label poison).
-- ``ain_loss``: ABL's own rule read off the AIN: the ``train.isolate_fraction`` of samples that the AIN's half
-  of the head fits best (lowest cross-entropy). A clean-label trigger (SIG) conflicts with no label, but an AIN
-  that takes it fits the poisoned images sooner than any clean ones.
+- ``loss``: ABL's own rule: the ``train.isolate_fraction`` of samples the model fits best (lowest cross-entropy).
+  A clean-label trigger (SIG) conflicts with no label, but a backdoor is learnt sooner than clean features.
+- ``ain_loss``: the same rule read off the AIN's half of the head alone: what the AIN by itself fits best.
 
 The record of a switch (the audit's summary, with precision and recall where the shards record the
 poison, and the sorted flagged sample indices) is plain JSON: ``isolation.json`` in the run folder and
@@ -50,20 +50,20 @@ def isolate(model: MCCI, cfg: Config, manifest: dict[str, Any], transform: Input
     rows = torch.cat(gather_object([rows]))
     rule, fraction = cfg.train.isolate_by, cfg.train.isolate_fraction
     flagged = isolation_rows(rows, rule, fraction)
-    # the summary's AUROC ranks by the rule's own score: the audit's, or how well the AIN fits a sample
-    score = -rows[:, COLUMNS.index("ain_loss")] if rule == "ain_loss" else None
-    return {"rule": rule, **({"fraction": fraction} if rule == "ain_loss" else {}),
+    # the summary's AUROC ranks by the rule's own score: the audit's, or how well a sample is fitted
+    score = None if rule == "audit" else -rows[:, COLUMNS.index(rule)]
+    return {"rule": rule, **({} if rule == "audit" else {"fraction": fraction}),
             **summarise(rows, flagged, score), "flagged_indices": flagged_indices(rows, flagged)}
 
 
 def isolation_rows(rows: torch.Tensor, rule: str = "audit", fraction: float = 0.01) -> torch.Tensor:
     """Which scored rows (``scoring.COLUMNS``) the rule isolates, as a bool mask: ``audit``, the audit's rule;
-    ``ain_loss``, the ``fraction`` of rows with the lowest AIN-alone loss (ties by sample index, so every
+    ``loss`` or ``ain_loss``, the ``fraction`` of rows lowest in that column (ties by sample index, so every
     world size picks the same set)."""
     if rule == "audit":
         return flagged_rows(rows)
     by_index = rows[:, COLUMNS.index("index")].argsort()
-    order = by_index[rows[by_index, COLUMNS.index("ain_loss")].argsort(stable=True)]
+    order = by_index[rows[by_index, COLUMNS.index(rule)].argsort(stable=True)]
     mask = torch.zeros(len(rows), dtype=torch.bool)
     mask[order[:round(fraction * len(rows))]] = True
     return mask

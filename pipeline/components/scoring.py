@@ -7,8 +7,8 @@ are compared on the same SFRN features:
 
 A sample is **flagged** when the model as trained predicts its label and mind control does not. ``mcci
 audit`` (``pipeline/jobs/audit.py``) ranks a trained model's training set with these; the ``isolate``
-training variant (``pipeline/components/isolation.py``) flags samples with them mid-training, or with
-``ain_loss``, the cross-entropy of the AIN's half of the head alone (what the AIN fits by itself).
+training variant (``pipeline/components/isolation.py``) flags samples with them mid-training, or with a
+loss: ``loss``, the model's own cross-entropy, or ``ain_loss``, that of the AIN's half of the head alone.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from pipeline.data.storage import DEFAULT_STREAM, StreamOptions
 from pipeline.data.transforms import InputTransform
 from pipeline.support.errors import JobError
 
-COLUMNS = ("index", "label", "orig_label", "poisoned", "own_pred", "mind_control_pred", "score", "ain_loss")
-FLOAT_COLUMNS = ("score", "ain_loss")
+COLUMNS = ("index", "label", "orig_label", "poisoned", "own_pred", "mind_control_pred", "score", "loss", "ain_loss")
+FLOAT_COLUMNS = ("score", "loss", "ain_loss")
 
 
 @torch.no_grad()
@@ -49,7 +49,8 @@ def score_batches(model: MCCI, batches: Iterable[Batch], transform: InputTransfo
                                    reduction="none")
         rows.append(torch.stack([batch.indices.double(), batch.labels.double(), batch.orig_labels.double(),
                                  batch.poisoned.double(), own.argmax(1).double(), mind_control.argmax(1).double(),
-                                 score.double(), ain_loss.double()], dim=1).cpu())
+                                 score.double(), -own.gather(1, label)[:, 0].double(), ain_loss.double()],
+                                dim=1).cpu())
     return torch.cat(rows) if rows else torch.zeros(0, len(COLUMNS), dtype=torch.float64)
 
 

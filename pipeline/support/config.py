@@ -161,10 +161,11 @@ class TrainConfig:
                                  "training samples, which are unlearned from then on (run folder: isolation.json)",
                                  ge=1)
     isolate_by: str = setting("audit", "mcci_variant=isolate: audit: the samples whose label only the AIN explains "
-                              "(dirty-label poison); ain_loss: the isolate_fraction the AIN alone fits best "
-                              "(ABL's low-loss rule; clean-label poison too)", choices=("audit", "ain_loss"))
-    isolate_fraction: float = setting(0.01, "isolate_by=ain_loss: the share of training samples isolated (ABL: "
-                                      "0.01)", gt=0.0, lt=1.0)
+                              "(dirty-label poison); loss: the isolate_fraction the model fits best (ABL's rule); "
+                              "ain_loss: the isolate_fraction the AIN alone fits best",
+                              choices=("audit", "loss", "ain_loss"))
+    isolate_fraction: float = setting(0.01, "isolate_by=loss or ain_loss: the share of training samples isolated "
+                                      "(ABL: 0.01)", gt=0.0, lt=1.0)
     grad_accumulation: int = setting(1, "micro-batches per optimiser step (Accelerate's accumulate); the effective "
                                      "batch is data.batch_size x this x processes", ge=1)
     freeze_bn_stats: bool = setting(False, "keep a pre-trained SFRN's BatchNorm running statistics (eval mode)")
