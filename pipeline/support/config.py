@@ -164,8 +164,9 @@ class TrainConfig:
                               "(dirty-label poison); loss: the isolate_fraction the model fits best (ABL's rule); "
                               "ain_loss: the isolate_fraction the AIN alone fits best",
                               choices=("audit", "loss", "ain_loss"))
-    isolate_fraction: float = setting(0.01, "isolate_by=loss or ain_loss: the share of training samples isolated "
-                                      "(ABL: 0.01)", gt=0.0, lt=1.0)
+    isolate_fraction: float = setting(0.1, "isolate_by=loss or ain_loss: the share of training samples isolated; at "
+                                      "least the share feared poisoned (ABL's 0.01 removed nothing, docs/VARIANTS.md)",
+                                      gt=0.0, lt=1.0)
     grad_accumulation: int = setting(1, "micro-batches per optimiser step (Accelerate's accumulate); the effective "
                                      "batch is data.batch_size x this x processes", ge=1)
     freeze_bn_stats: bool = setting(False, "keep a pre-trained SFRN's BatchNorm running statistics (eval mode)")
