@@ -56,12 +56,14 @@ def isolate(model: MCCI, cfg: Config, manifest: dict[str, Any], transform: Input
             **summarise(rows, flagged, score), "flagged_indices": flagged_indices(rows, flagged)}
 
 
-def isolation_rows(rows: torch.Tensor, rule: str = "audit", fraction: float = 0.01) -> torch.Tensor:
+def isolation_rows(rows: torch.Tensor, rule: str, fraction: float | None = None) -> torch.Tensor:
     """Which scored rows (``scoring.COLUMNS``) the rule isolates, as a bool mask: ``audit``, the audit's rule;
     ``loss`` or ``ain_loss``, the ``fraction`` of rows lowest in that column (ties by sample index, so every
     world size picks the same set)."""
     if rule == "audit":
         return flagged_rows(rows)
+    if fraction is None:
+        raise ValueError(f"isolation by {rule} needs the fraction of samples to isolate")
     by_index = rows[:, COLUMNS.index("index")].argsort()
     order = by_index[rows[by_index, COLUMNS.index(rule)].argsort(stable=True)]
     mask = torch.zeros(len(rows), dtype=torch.bool)
