@@ -69,13 +69,19 @@ class AttackIndicationNetwork(nn.Module):
 def size_ain(budget_flops: float, img_size: int, in_chans: int, out_dim: int, widths: tuple[int, ...],
              dropouts: tuple[float, ...]) -> tuple[tuple[int, ...], int, int]:
     """The AIN that fits ``budget_flops`` (forward FLOPs per image): of the candidates made by halving
-    ``widths`` (to ``MIN_WIDTH`` at least) and by doubling the stem's stride from the reference's
-    (while the stem leaves ``MIN_STEM_OUTPUT`` px), the costliest within the budget; the larger
-    widths on a tie. Returns (widths, stem stride, its FLOPs); ValueError when even the smallest
-    candidate is over the budget."""
+    ``widths`` (to ``MIN_WIDTH`` at least) and, where the reference has a stem (above
+    ``STEM_THRESHOLD`` px), by doubling its stride (while the stem leaves ``MIN_STEM_OUTPUT`` px), the
+    costliest within the budget; the larger widths on a tie. Returns (widths, stem stride, its FLOPs);
+    ValueError when even the smallest candidate is over the budget.
+
+    No stem is added where the reference has none: on 32 px CIFAR-10 a stride-2 stem made the AIN lose
+    the Blended trigger to the SFRN (ASR 1.000 under mind control) where narrower widths at full
+    resolution, at the same cost, removed it (0.038; docs/RESULTS.md)."""
     strides, stride = [], default_stem_stride(img_size)
     while stem_output(img_size, stride) >= MIN_STEM_OUTPUT:
         strides.append(stride)
+        if stride == 1:
+            break
         stride *= 2
     candidates, scaled = [], tuple(widths)
     while True:
