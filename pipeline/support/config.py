@@ -89,8 +89,8 @@ class ModelConfig:
     ain_dropouts: tuple[float, ...] = setting((0.2, 0.3, 0.4), "dropout after each AIN block", ge=0.0, lt=1.0)
     ain_stem_stride: int = setting(0, "stride of the AIN's first, strided convolution; 0: the reference "
                                    "(4 above 64 px, none up to 64)", ge=0)
-    ain_budget: float = setting(0.0, "> 0: shrink the AIN (widths halved; above 64 px stem stride doubled) to at most this fraction "
-                                "of the SFRN's forward FLOPs; the sizes chosen replace ain_widths and "
+    ain_budget: float = setting(0.0, "> 0: shrink the AIN (widths halved; above 64 px stem stride doubled) to at "
+                                "most this fraction of the SFRN's forward FLOPs; the sizes chosen replace ain_widths and "
                                 "ain_stem_stride in the saved config. 0: as the keys say", ge=0.0, lt=1.0)
     ain_view: str = setting("spectrum", "what the AIN sees: the image's spectrum; spectrum+lowpass: also the SFRN's "
                             "input low-passed (3 more channels), where smooth image-wide triggers live "
