@@ -77,7 +77,7 @@ def mcci_groups(row: dict) -> list[tuple[str, list[dict]]]:
     return groups + [(f"MCCI {name}", runs) for name, runs in row.get("variants", {}).items()]
 
 
-def _cell(values: list[float]) -> str:
+def cell(values: list[float]) -> str:
     return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
@@ -99,12 +99,12 @@ def table(rows: list[dict]) -> str:
                       if (m.get("audit") or {}).get("recorded_poisoned")]  # absent in metrics written before the audit
             for mode, name in (("own", "own spectrum"), ("mind_control", "mind control")):
                 ms = [m["mcci"][mode] for m in runs]
-                der = _cell([m["der"] for m in ms]) if all("der" in m for m in ms) and not failed else ""
-                auroc = _cell(aurocs) if aurocs and mode == "mind_control" else ""
+                der = cell([m["der"] for m in ms]) if all("der" in m for m in ms) and not failed else ""
+                auroc = cell(aurocs) if aurocs and mode == "mind_control" else ""
                 shown = verdict(r, runs) if mode == "mind_control" else ""
                 lines.append(f"| {r['attack']} | {r['poison_rate']} | {label} {name}{seeds} | "
-                             f"{_cell([m['clean_acc'] for m in ms])} | {_cell([m['asr'] for m in ms])} | "
-                             f"{_cell([m['ra'] for m in ms])} | {der} | {auroc} |  | {shown} |")
+                             f"{cell([m['clean_acc'] for m in ms])} | {cell([m['asr'] for m in ms])} | "
+                             f"{cell([m['ra'] for m in ms])} | {der} | {auroc} |  | {shown} |")
     return "\n".join(lines)
 
 
