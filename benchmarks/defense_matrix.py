@@ -53,6 +53,9 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     if not colon or not name.strip() or not all("=" in o for o in overrides.split()):
         raise argparse.ArgumentTypeError(f"{text!r}: expected \"NAME: KEY=VALUE ...\", e.g. "
                                          "\"lowpass: model.ain_view=spectrum+lowpass\"")
+    if name.strip() == "mcci":
+        raise argparse.ArgumentTypeError("the variant name 'mcci' is plain MCCI's own (its seeds are mcci-seedN); "
+                                         "give the variant another name")
     return name.strip(), overrides.split()
 
 
@@ -77,8 +80,11 @@ def mcci_groups(row: dict) -> list[tuple[str, list[dict]]]:
     return groups + [(f"MCCI {name}", runs) for name, runs in row.get("variants", {}).items()]
 
 
-def cell(values: list[float]) -> str:
-    return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+def cell(values: list[float], signed: bool = False) -> str:
+    """One value, or mean ± standard deviation of several; ``signed``: the mean with its sign (a difference)."""
+    spec = "+.3f" if signed else ".3f"
+    mean = values[0] if len(values) == 1 else statistics.fmean(values)
+    return f"{mean:{spec}}" + ("" if len(values) == 1 else f" ± {statistics.stdev(values):.3f}")
 
 
 def table(rows: list[dict]) -> str:

@@ -31,27 +31,38 @@ from mcci_models import MCCI
 from pipeline.components.models import build_transform, load_matching_manifest, load_trained
 from pipeline.components.scoring import COLUMNS, flagged_rows, score_samples
 from pipeline.data.loaders import eval_loader
-from pipeline.support.metrics import attack_targets
+from pipeline.data.transforms import InputTransform
+from pipeline.support.metrics import Counts, attack_targets, count_clean, count_triggered
 
-SPLITS = ("train", "trusted", "test-clean", "test-poisoned")
+Head = tuple[torch.Tensor, torch.Tensor]  # (weight [K, D], bias [K]) on the SFRN's features
+
+
+def mind_control_head(model: MCCI) -> Head:
+    """The linear map from SFRN features to mind-control logits: the SFRN's half of the head, with the AIN's
+    half on the fixed reference feature folded into the bias."""
+    sfrn_dim = model.reference_feature.shape[0]
+    weight = model.head.weight.detach()
+    return weight[:, :sfrn_dim].clone(), model.head.bias.detach() + model.reference_feature @ weight[:, sfrn_dim:].T
 
 
 @torch.no_grad()
-def sfrn_features(model: MCCI, shards: str, manifest: dict[str, Any], split: str, transform) -> dict[str, torch.Tensor]:
-    """The SFRN's features of every sample of ``split`` with its labels, true labels and indices."""
+def sfrn_features(model: MCCI, shards: str, manifest: dict[str, Any], split: str, transform: InputTransform,
+                  device: torch.device, batch_size: int, num_workers: int) -> dict[str, torch.Tensor]:
+    """The SFRN's features (on the CPU) of every sample of ``split``, with its labels, true labels and indices."""
     parts: dict[str, list[torch.Tensor]] = {"features": [], "labels": [], "orig_labels": [], "indices": []}
-    for batch in eval_loader(shards, manifest, split, 256, 0):
-        parts["features"].append(model.sfrn(transform(batch.images, train=False).images).float())
+    for batch in eval_loader(shards, manifest, split, batch_size, num_workers):
+        images = transform(batch.images.to(device), train=False).images
+        parts["features"].append(model.sfrn(images).float().cpu())
         parts["labels"].append(batch.labels)
         parts["orig_labels"].append(batch.orig_labels)
         parts["indices"].append(batch.indices)
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def fit_head(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-             weight_decay: float, steps: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression from (``weight``, ``bias``), L2 ``weight_decay`` on the weights."""
-    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+def fit_head(features: torch.Tensor, labels: torch.Tensor, start: Head, weight_decay: float,
+             steps: int = 300) -> Head:
+    """Multinomial logistic regression from ``start``, L2 ``weight_decay`` on the weights, by L-BFGS."""
+    w, b = (t.clone().requires_grad_() for t in start)
     optimiser = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -64,53 +75,54 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
     return w.detach(), b.detach()
 
 
-def scores(head: tuple[torch.Tensor, torch.Tensor], test: dict[str, dict[str, torch.Tensor]],
-           manifest: dict[str, Any]) -> dict[str, float]:
-    """CA on the clean test split; ASR and RA on the triggered one, over inputs whose true label is not the
-    attack's target (as ``mcci eval`` counts them)."""
+def scores(head: Head, test: dict[str, dict[str, torch.Tensor]], manifest: dict[str, Any]) -> dict[str, float]:
+    """CA on the clean test split, ASR and RA on the triggered one, counted as ``mcci eval`` counts them."""
     weight, bias = head
     clean, triggered = test["test-clean"], test["test-poisoned"]
-    ca = ((clean["features"] @ weight.T + bias).argmax(1) == clean["orig_labels"]).float().mean()
-    predicted = (triggered["features"] @ weight.T + bias).argmax(1)
     targets = attack_targets(triggered["orig_labels"], int(manifest["target"]), manifest.get("mode", "all-to-one"),
                              manifest["num_classes"])
-    counted = triggered["orig_labels"] != targets
-    return {"clean_acc": round(ca.item(), 4),
-            "asr": round((predicted == targets)[counted].float().mean().item(), 4),
-            "ra": round((predicted == triggered["orig_labels"])[counted].float().mean().item(), 4)}
+    counts = Counts().as_tensor()
+    counts[Counts.CLEAN] += count_clean((clean["features"] @ weight.T + bias).argmax(1), clean["orig_labels"])
+    counts[Counts.TRIGGERED] += count_triggered((triggered["features"] @ weight.T + bias).argmax(1),
+                                                triggered["orig_labels"], targets)
+    return {k: round(v, 4) for k, v in Counts.from_tensor(counts).metrics().items()}
 
 
-def head_refit(run: str | Path, shards: str, weight_decay: float = 1e-3,
-               trusted_weight_decay: float = 1e-2) -> dict[str, Any]:
-    device = torch.device("cpu")
-    model, cfg, meta = load_trained(run, device)
+def head_refit(run: str | Path, shards: str, weight_decay: float = 1e-3, trusted_weight_decay: float = 1e-2,
+               device: str = "cpu", batch_size: int = 256, num_workers: int = 0) -> dict[str, Any]:
+    """The mind-control head as trained and refitted three ways (module docstring), each scored on the test
+    shards; the trusted refit only where the shards hold trusted images."""
+    dev = torch.device(device)
+    model, cfg, meta = load_trained(run, dev)
     if not isinstance(model, MCCI):
         raise SystemExit(f"{run} is an undefended model; the head refit reads an MCCI model's SFRN")
     manifest = load_matching_manifest(shards, meta, same_data=True)
-    data = {split: sfrn_features(model, shards, manifest, split, build_transform(cfg, spectra=False))
-            for split in SPLITS}
-    rows = score_samples(model, shards, manifest, "train", build_transform(cfg), device, 256, 0)
-    flagged = rows[flagged_rows(rows), COLUMNS.index("index")].long()
+    has_trusted = manifest["splits"].get("trusted", {}).get("count", 0) > 0
+    images_only = build_transform(cfg, spectra=False)
+    data = {split: sfrn_features(model, shards, manifest, split, images_only, dev, batch_size, num_workers)
+            for split in ("train", "test-clean", "test-poisoned", *(("trusted",) if has_trusted else ()))}
+    # a second pass over the training set, for the audit's own flags: simpler than re-deriving its rule here
+    rows = score_samples(model, shards, manifest, "train", build_transform(cfg), dev, batch_size, num_workers)
+    flagged_mask = flagged_rows(rows)
+    flagged_indices = rows[flagged_mask, COLUMNS.index("index")].long()
     train = data["train"]
-    kept = ~torch.isin(train["indices"], flagged)
-    split = train["features"].shape[1]
-    weight = model.head.weight.detach()[:, :split]
-    # the AIN's half under mind control: one constant vector, folded into the bias
-    bias = model.head.bias.detach() + model.reference_feature @ model.head.weight.detach()[:, split:].T
+    kept = ~torch.isin(train["indices"], flagged_indices)
+    trained = mind_control_head(model.cpu())
     heads = {
-        "mind control (as trained)": (weight, bias),
-        "refit on every training sample": fit_head(train["features"], train["labels"], weight, bias, weight_decay),
+        "mind control (as trained)": trained,
+        "refit on every training sample": fit_head(train["features"], train["labels"], trained, weight_decay),
         "refit on the samples the audit does not flag": fit_head(train["features"][kept], train["labels"][kept],
-                                                                 weight, bias, weight_decay),
-        "refit on the trusted split": fit_head(data["trusted"]["features"], data["trusted"]["labels"], weight, bias,
-                                               trusted_weight_decay),
+                                                                 trained, weight_decay),
     }
+    if has_trusted:
+        heads["refit on the trusted split"] = fit_head(data["trusted"]["features"], data["trusted"]["labels"], trained,
+                                                       trusted_weight_decay)
     poisoned = rows[:, COLUMNS.index("poisoned")] > 0
     return {"run": str(run), "shards": str(shards), "attack": manifest["attack"]["name"],
-            "train_samples": int(len(kept)), "flagged": int(len(flagged)),
-            "poisoned_left_unflagged": int((poisoned & ~flagged_rows(rows)).sum()),
-            "trusted_samples": int(len(data["trusted"]["labels"])), "weight_decay": weight_decay,
-            "trusted_weight_decay": trusted_weight_decay,
+            "train_samples": len(train["labels"]), "flagged": len(flagged_indices),
+            "poisoned": int(poisoned.sum()), "poisoned_left_unflagged": int((poisoned & ~flagged_mask).sum()),
+            "trusted_samples": len(data["trusted"]["labels"]) if has_trusted else 0,
+            "weight_decay": weight_decay, "trusted_weight_decay": trusted_weight_decay,
             "heads": {name: scores(head, data, manifest) for name, head in heads.items()}}
 
 
@@ -118,10 +130,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="an `mcci train` out folder of an MCCI model")
     parser.add_argument("--shards", required=True, help="the shards it was trained on")
-    parser.add_argument("--weight-decay", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=1e-3, help="L2 on the refitted weights")
+    parser.add_argument("--trusted-weight-decay", type=float, default=1e-2,
+                        help="L2 for the refit on the (small) trusted split")
+    parser.add_argument("--device", default="cpu", help="where the SFRN runs (cpu, cuda); the refit is on the CPU")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--out", help="the JSON result (default: benchmarks/results/head_refit-DATE.json)")
     args = parser.parse_args()
-    write_result("head_refit", head_refit(args.run, args.shards, args.weight_decay), args.out)
+    write_result("head_refit", head_refit(args.run, args.shards, args.weight_decay, args.trusted_weight_decay,
+                                          args.device, args.batch_size, args.num_workers), args.out)
 
 
 if __name__ == "__main__":

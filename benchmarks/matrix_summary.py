@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import yaml
 
 from benchmarks.common import write_result
 from benchmarks.defense_matrix import ATTACK_FAILED, cell, verdict
@@ -32,9 +33,32 @@ def run_group(run_name: str) -> str:
     return name if suffix and seed.isdigit() else run_name
 
 
+def _run_order(run_name: str) -> tuple[str, int]:
+    """Within a group: the unseeded run first, then by seed as a number (seed10 after seed2)."""
+    group = run_group(run_name)
+    return group, -1 if group == run_name else int(run_name.rpartition(SEED_SUFFIX)[2])
+
+
+def _saved_model_section(run_folder: Path) -> dict[str, Any] | None:
+    config = run_folder / "mcci" / "model" / "config.yaml"
+    return yaml.safe_load(config.read_text())["model"] if config.is_file() else None
+
+
+def _check_same_model(folder: Path, group: str, run_folders: list[Path]) -> None:
+    """Seeds of one variant must be one model: a rule that changed between runs (the AIN's size rule did) would
+    otherwise average two designs under one name. Runs without a saved config are not compared."""
+    sections = {f.name: s for f in run_folders if (s := _saved_model_section(f)) is not None}
+    if len({yaml.safe_dump(s, sort_keys=True) for s in sections.values()}) > 1:
+        differing = sorted({k for s in sections.values() for k, v in s.items()
+                            if any(other.get(k) != v for other in sections.values())})
+        raise SystemExit(f"{folder}: the runs of {group!r} ({', '.join(sections)}) were trained with different model "
+                         f"settings ({', '.join(differing)}); rename the odd runs' folders or train them again")
+
+
 def collected_rows(matrix: str | Path) -> list[dict[str, Any]]:
     """One row per finished attack experiment under ``matrix``, in the shape ``defense_matrix`` tables:
-    the experiment's metrics, ``mcci_seeds`` and ``variants`` (name -> runs, the unseeded run first)."""
+    the experiment's metrics, ``mcci_seeds`` and ``variants`` (name -> runs, the unseeded run first, then by
+    seed; a group of seeded runs only, e.g. ``abl8-seed1`` alone, is shown as that group)."""
     rows = []
     for folder in sorted(p for p in Path(matrix).iterdir() if (p / "metrics.json").is_file()):
         shards = json.loads((folder / "experiment.json").read_text())["shards"]
@@ -42,13 +66,14 @@ def collected_rows(matrix: str | Path) -> list[dict[str, Any]]:
         row = {"attack": shards["attack"] + ("" if mode == "all-to-one" else f":{mode}"),
                "poison_rate": shards["poison_rate"], "attack_params": shards.get("attack_params", {}),
                **json.loads((folder / "metrics.json").read_text())}
-        groups: dict[str, list[dict]] = {}
-        runs = sorted((folder / "variants").glob("*/metrics.json"), key=lambda p: (run_group(p.parent.name),
-                                                                                   p.parent.name != run_group(p.parent.name),
-                                                                                   p.parent.name))
-        for path in runs:
-            groups.setdefault(run_group(path.parent.name), []).append(json.loads(path.read_text()))
-        row["mcci_seeds"] = groups.pop("mcci", [])
+        run_folders: dict[str, list[Path]] = {"mcci": [folder]}
+        for path in sorted((folder / "variants").glob("*/metrics.json"), key=lambda p: _run_order(p.parent.name)):
+            run_folders.setdefault(run_group(path.parent.name), []).append(path.parent)
+        for group, runs in run_folders.items():
+            _check_same_model(folder, group, runs)
+        groups = {group: [json.loads((f / "metrics.json").read_text()) for f in runs]
+                  for group, runs in run_folders.items()}
+        row["mcci_seeds"] = groups.pop("mcci")[1:]
         row["variants"] = groups
         row["verdict"] = verdict(row)
         rows.append(row)
@@ -65,10 +90,11 @@ def model_runs(row: dict[str, Any]) -> dict[str, list[dict]]:
     return runs
 
 
-def pivot(rows: list[dict[str, Any]], models: list[str], value: Callable[[dict, dict], float]) -> list[list[str]]:
+def pivot(rows: list[dict[str, Any]], models: list[str], value: Callable[[dict, dict], float],
+          signed: bool = False) -> list[list[str]]:
     """Cells ``value(row, run metrics)`` per attack and model: mean ± sd (n seeds), "-" where not run."""
     def shown(row: dict, runs: list[dict]) -> str:
-        return cell([value(row, m) for m in runs]) + (f" ({len(runs)})" if len(runs) > 1 else "")
+        return cell([value(row, m) for m in runs], signed) + (f" ({len(runs)})" if len(runs) > 1 else "")
 
     return [[shown(row, runs[name]) if name in runs else "-" for name in models]
             for row, runs in ((row, model_runs(row)) for row in rows)]
@@ -81,15 +107,18 @@ def variant_names(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """The three pivot tables, each under a line saying what it holds."""
     models = ["MCCI", *variant_names(rows)]
     attack_cells = [f"{r['attack']} ({r['baseline']['clean_acc']:.3f} / {r['baseline']['asr']:.3f}"
                     f"{', ' + ATTACK_FAILED if r['verdict'] == ATTACK_FAILED else ''})" for r in rows]
     header = "| attack (undefended CA / ASR) | " + " | ".join(models) + " |\n|" + " --- |" * (len(models) + 1)
     sections = []
-    for title, value in (("Mind-control ASR", lambda r, m: m["asr"]),
-                         ("Mind-control RA", lambda r, m: m["ra"]),
-                         ("Mind-control CA less the undefended CA", lambda r, m: m["clean_acc"] - r["baseline"]["clean_acc"])):
-        body = "\n".join(f"| {a} | " + " | ".join(cells) + " |" for a, cells in zip(attack_cells, pivot(rows, models, value)))
+    for title, value, signed in (
+            ("Mind-control ASR", lambda r, m: m["asr"], False),
+            ("Mind-control RA", lambda r, m: m["ra"], False),
+            ("Mind-control CA less the undefended CA", lambda r, m: m["clean_acc"] - r["baseline"]["clean_acc"], True)):
+        body = "\n".join(f"| {a} | " + " | ".join(cells) + " |"
+                         for a, cells in zip(attack_cells, pivot(rows, models, value, signed)))
         sections.append(f"{title} (mean ± sd over seeds, the count in brackets; - : not run)\n\n{header}\n{body}")
     return "\n\n".join(sections) + "\n"
 
@@ -111,7 +140,8 @@ def asr_heatmap(rows: list[dict[str, Any]]) -> plt.Figure:
         if not np.isnan(v):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(models)), models, rotation=40, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), [r["attack"] for r in rows], fontsize=8)
+    ax.set_yticks(range(len(rows)), [r["attack"] + (" (failed on the baseline)" if r["verdict"] == ATTACK_FAILED else "")
+                                     for r in rows], fontsize=8)
     ax.set_title("attack success rate (mind control; undefended in the first column)", fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8)
     return fig

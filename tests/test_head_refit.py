@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from benchmarks.head_refit import fit_head, head_refit, scores
+from benchmarks.head_refit import fit_head, head_refit, mind_control_head, scores
 from pipeline.cli import main
 
 MANIFEST = {"target": 0, "mode": "all-to-one", "num_classes": 2}
@@ -27,20 +27,34 @@ def test_a_refit_on_poisoned_samples_learns_the_trigger_the_trained_head_ignored
     assert scores((weight, bias), test, MANIFEST) == {"clean_acc": 1.0, "asr": 0.0, "ra": 1.0}
 
     with_poison = fit_head(torch.tensor(clean + poisoned), torch.tensor([0] * 20 + [1] * 20 + [0] * 8),
-                           weight, bias, weight_decay=1e-4)
+                           (weight, bias), weight_decay=1e-4)
     assert scores(with_poison, test, MANIFEST) == {"clean_acc": 1.0, "asr": 1.0, "ra": 0.0}
-    clean_only = fit_head(torch.tensor(clean), torch.tensor([0] * 20 + [1] * 20), weight, bias, weight_decay=1e-4)
+    clean_only = fit_head(torch.tensor(clean), torch.tensor([0] * 20 + [1] * 20), (weight, bias), weight_decay=1e-4)
     assert scores(clean_only, test, MANIFEST) == {"clean_acc": 1.0, "asr": 0.0, "ra": 1.0}
 
 
-def test_the_unrefitted_head_scores_what_mcci_eval_scores_under_mind_control(trained, tiny_shards, tmp_path):
+def test_the_unrefitted_head_is_mind_control_and_scores_what_mcci_eval_scores(trained, tiny_shards, tmp_path):
+    from pipeline.components.models import load_trained
+
+    model, _, _ = load_trained(trained / "mcci", torch.device("cpu"))
+    images = torch.randn(5, 3, 32, 32)
+    weight, bias = mind_control_head(model)
+    with torch.no_grad():
+        assert torch.allclose(model.sfrn(images) @ weight.T + bias, model(images), atol=1e-5)
+
     main(["eval", "--checkpoint", str(trained / "mcci"), "--shards", str(tiny_shards), "--out", str(tmp_path / "m.json"),
           "--num-workers", "0", "--device", "cpu"])
     evaluated = json.loads((tmp_path / "m.json").read_text())["mcci"]["mind_control"]
+    main(["audit", "--checkpoint", str(trained / "mcci"), "--shards", str(tiny_shards), "--out", str(tmp_path / "audit"),
+          "--num-workers", "0", "--device", "cpu"])
+    audited = json.loads((tmp_path / "audit" / "audit.json").read_text())
     result = head_refit(trained / "mcci", str(tiny_shards))
-    as_trained = result["heads"]["mind control (as trained)"]
-    assert as_trained == {k: pytest.approx(evaluated[k], abs=1e-4) for k in ("clean_acc", "asr", "ra")}
+    assert result["heads"]["mind control (as trained)"] == {k: pytest.approx(evaluated[k], abs=1e-4)
+                                                          for k in ("clean_acc", "asr", "ra")}
     assert list(result["heads"]) == ["mind control (as trained)", "refit on every training sample",
                                      "refit on the samples the audit does not flag", "refit on the trusted split"]
-    assert result["train_samples"] == 42 and result["trusted_samples"] == 6
-    assert 0 <= result["poisoned_left_unflagged"] <= 8 and 0 <= result["flagged"] <= 42
+    assert (result["train_samples"], result["trusted_samples"]) == (42, 6)
+    assert result["flagged"] == audited["flagged"]
+    recorded = audited["recorded_poisoned"]
+    assert result["poisoned"] == recorded["count"]
+    assert result["poisoned_left_unflagged"] == recorded["count"] - recorded["flagged"]

@@ -104,7 +104,7 @@ def test_reference_ain_keeps_its_stem_and_saved_models_load():
         {k: v.shape for k, v in big.state_dict().items()}
 
 
-@pytest.mark.parametrize("size", [32, 128, 224])
+@pytest.mark.parametrize("size", [32, 64, 128, 224])
 def test_size_ain_picks_the_costliest_candidate_within_the_budget(size):
     reference = forward_flops(AttackIndicationNetwork(size), (1, 3, size, size))
     budget = reference / 7  # forces a smaller AIN
@@ -122,6 +122,9 @@ def test_size_ain_picks_the_costliest_candidate_within_the_budget(size):
         size_ain(1e3, size, 3, 100, (32, 64, 128), (0.2, 0.3, 0.4))
     if size <= 64:  # the reference has no stem here, and the sized AIN gets none either
         assert stride == 1
+        strided = forward_flops(AttackIndicationNetwork(size, stem_stride=2), (1, 3, size, size))
+        # exactly the cost of a stride-2 stem at full width: the rule still shrinks the widths instead
+        assert size_ain(strided, size, 3, 100, (32, 64, 128), (0.2, 0.3, 0.4))[1] == 1
 
 
 def test_ain_budget_sizes_the_trained_model_and_the_saved_config_describes_it(tiny_shards, tmp_path):
