@@ -90,3 +90,17 @@ def test_an_experiment_recorded_before_a_key_existed_is_the_same_while_that_key_
         run_experiment(out, spec, overrides=[*TINY_TRAIN, "model.ain_view=spectrum+lowpass"], references=())
     with pytest.raises(JobError, match="shards.crop_pct: 1.0 there, 0.875 now"):
         run_experiment(out, dataclasses.replace(spec, crop_pct=0.875), overrides=TINY_TRAIN, references=())
+
+    # a variant claimed by an older version: it copied the experiment's record with the keys that record lacks
+    # filled in at that version's defaults, one of which has changed since (mixup_alpha 0.5 then, 0.0 now)
+    variant = out / "variants" / "seed1"
+    variant.mkdir(parents=True)
+    old_claim = json.loads(json.dumps(recorded))
+    old_claim["config"]["data"]["augment"]["mixup_alpha"] = 0.5
+    (variant / "experiment.json").write_text(json.dumps({"experiment": old_claim, "variant": ["train.seed=1"]}))
+    (variant / "metrics.json").write_text(json.dumps({"finished": True}))
+    assert run_variant(out, "seed1", ["train.seed=1"], overrides=TINY_TRAIN) == {"finished": True}
+    old_claim["config"]["train"]["epochs"] = 5  # a key the experiment's record states still decides
+    (variant / "experiment.json").write_text(json.dumps({"experiment": old_claim, "variant": ["train.seed=1"]}))
+    with pytest.raises(JobError, match="experiment.config.train.epochs: 5 there, 1 now"):
+        run_variant(out, "seed1", ["train.seed=1"], overrides=TINY_TRAIN)

@@ -11,6 +11,7 @@ experiment continues and a finished one's ``metrics.json`` is reused (and the re
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -56,10 +57,10 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} there, {new!r} now"]
 
 
-def _recorded(path: Path) -> dict[str, Any]:
-    """A recorded configuration, with the shard-build and training-config keys added since it was written
-    at their defaults (they did not exist, so the run had their default behaviour)."""
-    recorded = json.loads(path.read_text())
+def _with_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a recorded configuration, with the shard-build and training-config keys added since it was
+    written at their defaults (they did not exist, so the run had their default behaviour)."""
+    recorded = copy.deepcopy(recorded)
     for build in (recorded.get("shards"), recorded.get("experiment", {}).get("shards")):
         for field in dataclasses.fields(BuildSpec) if build else ():
             if field.default is not dataclasses.MISSING and field.name not in _PER_BUILD_FIELDS:
@@ -74,12 +75,25 @@ def _recorded(path: Path) -> dict[str, Any]:
     return recorded
 
 
+def _stated(values: Any, record: Any) -> Any:
+    """``values`` restricted to the keys that ``record`` states, at every depth."""
+    if isinstance(values, dict) and isinstance(record, dict):
+        return {k: _stated(v, record[k]) for k, v in values.items() if k in record}
+    return values
+
+
 def _claim(out: Path, wanted: dict[str, Any]) -> None:
     """Record ``wanted`` in a new or empty ``out``; in an earlier experiment's folder, refuse unless
     it recorded the same configuration."""
     recorded = out / CONFIG_FILE
     if recorded.exists():
-        changed = _differences(_recorded(recorded), wanted)
+        claimed = json.loads(recorded.read_text())
+        if "experiment" in wanted:
+            # A variant's claim copies its experiment's record. Only the keys that record states are the
+            # experiment's: one it lacks did not exist when the experiment ran, and an older version wrote
+            # such keys into the claim at the default of its day (a default that may have changed since).
+            claimed["experiment"] = _stated(claimed.get("experiment", {}), wanted["experiment"])
+        changed = _differences(_with_defaults(claimed), _with_defaults(wanted))
         if changed:
             raise JobError(f"{out} holds an experiment with another configuration ({'; '.join(changed[:3])}"
                            f"{'; ...' if len(changed) > 3 else ''}); choose another output folder or delete it")
@@ -130,8 +144,8 @@ def run_variant(out: str | Path, name: str, variant_overrides: list[str], config
     if fixed:
         raise JobError(f"variant {name!r} sets {', '.join(fixed)}: the experiment sets these per run "
                        f"({', '.join(_PER_RUN_KEYS)}); leave them out")
-    experiment = _recorded(out / CONFIG_FILE)
-    changed = _differences(experiment["config"], _training_config(config, overrides))
+    experiment = json.loads((out / CONFIG_FILE).read_text())  # as recorded: keys added since are not its own
+    changed = _differences(_with_defaults(experiment)["config"], _training_config(config, overrides))
     if changed:
         raise JobError(f"{out} was trained with another configuration ({'; '.join(changed[:3])}): give its variants "
                        "the experiment's own config and overrides, and put what differs in the variant's")
