@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from mcci_models.ain import AttackIndicationNetwork, size_ain
@@ -47,11 +48,13 @@ def create_model(defense: str, sfrn: str, num_classes: int, img_size: int, *, pr
 def fit_ain(budget: float, sfrn: str, img_size: int, feature_dim: int, ain_widths: tuple[int, ...],
             ain_dropouts: tuple[float, ...], in_chans: int = 3) -> tuple[tuple[int, ...], int, str]:
     """The AIN widths and stem stride whose forward FLOPs are at most ``budget`` times the SFRN's
-    (``size_ain``), and a line saying what was chosen."""
-    # the SFRN reads the RGB image whatever the AIN's view adds to the AIN's input (``in_chans``)
-    sfrn_flops = forward_flops(create_sfrn(sfrn, feature_dim, img_size), (1, 3, img_size, img_size))
-    widths, stride, flops = size_ain(budget * sfrn_flops, img_size, in_chans, feature_dim, tuple(ain_widths),
-                                     tuple(ain_dropouts))
+    (``size_ain``), and a line saying what was chosen. The networks built to be counted draw their weights from
+    a forked random state, so the model built after sizing starts as one given its sizes directly would."""
+    with torch.random.fork_rng(devices=[]):
+        # the SFRN reads the RGB image whatever the AIN's view adds to the AIN's input (``in_chans``)
+        sfrn_flops = forward_flops(create_sfrn(sfrn, feature_dim, img_size), (1, 3, img_size, img_size))
+        widths, stride, flops = size_ain(budget * sfrn_flops, img_size, in_chans, feature_dim, tuple(ain_widths),
+                                         tuple(ain_dropouts))
     return widths, stride, (f"AIN sized to {budget:.0%} of the SFRN's {sfrn_flops / 1e9:.3f} GFLOPs at {img_size} px: "
                             f"widths {list(widths)}, stem stride {stride}, {flops / 1e9:.4f} GFLOPs "
                             f"({flops / sfrn_flops:.1%})")

@@ -148,3 +148,16 @@ def test_an_ain_budget_nothing_fits_is_a_config_error(tiny_shards, tmp_path):
         main(["train", f"data.shards={tiny_shards}", f"train.out={tmp_path / 'run'}", *TINY_TRAIN,
               "model.ain_budget=0.0001"])
     assert stop.value.code == 2
+
+
+def test_a_model_sized_by_budget_starts_from_the_weights_its_sizes_would_give_it():
+    from pipeline.components.models import build_model
+    from pipeline.support.config import load_config
+
+    common = ["model.sfrn=mcci_convnet_tiny", "model.ain_widths=[16,32,64]", "train.cpu=true"]
+    torch.manual_seed(0)
+    sized = build_model(load_config(None, [*common, "model.ain_budget=0.2"]), 10, 32)
+    torch.manual_seed(0)
+    given = build_model(load_config(None, [*common[:1], "model.ain_widths=[8,16,32]", "train.cpu=true"]), 10, 32)
+    assert [m.out_channels for m in sized.ain.modules() if isinstance(m, torch.nn.Conv2d)][::2] == [8, 16, 32]
+    assert all(torch.equal(a, b) for a, b in zip(sized.state_dict().values(), given.state_dict().values()))
