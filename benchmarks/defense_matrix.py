@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, help="resize and centre-crop every image to N px (needed when "
                         "the source's images differ in size)")
     parser.add_argument("--target", type=int, default=0, help="the all-to-one target class")
+    parser.add_argument("--trusted-count", type=int, default=100,
+                        help="clean training images held out as the defender's trusted split (mcci refit-head)")
     parser.add_argument("--out", default="runs/defense-matrix")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar='"NAME: OVERRIDE ..."',
@@ -154,7 +156,7 @@ def main() -> None:
                          poison_rate=CLEAN_LABEL_RATE if clean_label else DIRTY_LABEL_RATE, target=args.target,
                          attack_params=params, image_size=args.image_size,
                          shard_size=1000 if args.test_source else 256, max_train=args.max_train,
-                         max_test=args.max_test)
+                         max_test=args.max_test, trusted_count=args.trusted_count)
         print(f"=== {entry} ===", flush=True)
         folder = Path(args.out) / entry.replace(":", "-")
         results = run_experiment(folder, spec, args.config, overrides, references=(), num_workers=args.num_workers)
@@ -172,6 +174,7 @@ def main() -> None:
     plot_defense_matrix(rows, Path(args.out) / "defense_matrix.png")
     write_result("defense_matrix", {"source": args.source, "max_train": args.max_train, "max_test": args.max_test,
                                     "image_size": args.image_size, "target": args.target, "epochs": args.epochs,
+                                    "trusted_count": args.trusted_count,
                                     "attack_params_file": args.attack_params,
                                     "config": args.config,
                                     "overrides": overrides, "variants": variants, "seeds": args.seeds,
