@@ -24,55 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import write_result
 from mcci_models import MCCI
+from pipeline.components.head_refit import Head, fit_head, layer_inputs, read_head, refit_layer
 from pipeline.components.models import build_transform, load_matching_manifest, load_trained
 from pipeline.components.scoring import COLUMNS, flagged_rows, score_samples
 from pipeline.data.loaders import eval_loader
 from pipeline.data.transforms import InputTransform
 from pipeline.support.metrics import Counts, attack_targets, count_clean, count_triggered
 
-Head = tuple[torch.Tensor, torch.Tensor]  # (weight [K, D], bias [K]) on the SFRN's features
 
 
-def mind_control_head(model: MCCI) -> Head:
-    """The linear map from SFRN features to mind-control logits: the SFRN's half of the head, with the AIN's
-    half on the fixed reference feature folded into the bias."""
-    sfrn_dim = model.reference_feature.shape[0]
-    weight = model.head.weight.detach()
-    return weight[:, :sfrn_dim].clone(), model.head.bias.detach() + model.reference_feature @ weight[:, sfrn_dim:].T
-
-
-@torch.no_grad()
-def sfrn_features(model: MCCI, shards: str, manifest: dict[str, Any], split: str, transform: InputTransform,
-                  device: torch.device, batch_size: int, num_workers: int) -> dict[str, torch.Tensor]:
-    """The SFRN's features (on the CPU) of every sample of ``split``, with its labels, true labels and indices."""
-    parts: dict[str, list[torch.Tensor]] = {"features": [], "labels": [], "orig_labels": [], "indices": []}
-    for batch in eval_loader(shards, manifest, split, batch_size, num_workers):
-        images = transform(batch.images.to(device), train=False).images
-        parts["features"].append(model.sfrn(images).float().cpu())
-        parts["labels"].append(batch.labels)
-        parts["orig_labels"].append(batch.orig_labels)
-        parts["indices"].append(batch.indices)
-    return {k: torch.cat(v) for k, v in parts.items()}
-
-
-def fit_head(features: torch.Tensor, labels: torch.Tensor, start: Head, weight_decay: float,
-             steps: int = 300) -> Head:
-    """Multinomial logistic regression from ``start``, L2 ``weight_decay`` on the weights, by L-BFGS."""
-    w, b = (t.clone().requires_grad_() for t in start)
-    optimiser = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimiser.zero_grad()
-        loss = F.cross_entropy(features @ w.T + b, labels) + weight_decay * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    return w.detach(), b.detach()
+def split_features(model: MCCI, shards: str, manifest: dict[str, Any], split: str, transform: InputTransform,
+                   device: torch.device, batch_size: int, num_workers: int) -> dict[str, torch.Tensor]:
+    """What the head reads under mind control (the SFRN's features) for every sample of ``split``."""
+    return layer_inputs(model, eval_loader(shards, manifest, split, batch_size, num_workers), transform, device)
 
 
 def scores(head: Head, test: dict[str, dict[str, torch.Tensor]], manifest: dict[str, Any]) -> dict[str, float]:
@@ -99,7 +66,7 @@ def head_refit(run: str | Path, shards: str, weight_decay: float = 1e-3, trusted
     manifest = load_matching_manifest(shards, meta, same_data=True)
     has_trusted = manifest["splits"].get("trusted", {}).get("count", 0) > 0
     images_only = build_transform(cfg, spectra=False)
-    data = {split: sfrn_features(model, shards, manifest, split, images_only, dev, batch_size, num_workers)
+    data = {split: split_features(model, shards, manifest, split, images_only, dev, batch_size, num_workers)
             for split in ("train", "test-clean", "test-poisoned", *(("trusted",) if has_trusted else ()))}
     # a second pass over the training set, for the audit's own flags: simpler than re-deriving its rule here
     rows = score_samples(model, shards, manifest, "train", build_transform(cfg), dev, batch_size, num_workers)
@@ -107,7 +74,7 @@ def head_refit(run: str | Path, shards: str, weight_decay: float = 1e-3, trusted
     flagged_indices = rows[flagged_mask, COLUMNS.index("index")].long()
     train = data["train"]
     kept = ~torch.isin(train["indices"], flagged_indices)
-    trained = mind_control_head(model.cpu())
+    trained = read_head(*refit_layer(model), data["train"]["constant"])
     heads = {
         "mind control (as trained)": trained,
         "refit on every training sample": fit_head(train["features"], train["labels"], trained, weight_decay),

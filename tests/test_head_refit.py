@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from benchmarks.head_refit import fit_head, head_refit, mind_control_head, scores
+from benchmarks.head_refit import head_refit, scores
+from pipeline.components.head_refit import fit_head, read_head, refit_layer
 from pipeline.cli import main
 
 MANIFEST = {"target": 0, "mode": "all-to-one", "num_classes": 2}
@@ -38,7 +39,8 @@ def test_the_unrefitted_head_is_mind_control_and_scores_what_mcci_eval_scores(tr
 
     model, _, _ = load_trained(trained / "mcci", torch.device("cpu"))
     images = torch.randn(5, 3, 32, 32)
-    weight, bias = mind_control_head(model)
+    layer, width = refit_layer(model)
+    weight, bias = read_head(layer, width, model.reference_feature)
     with torch.no_grad():
         assert torch.allclose(model.sfrn(images) @ weight.T + bias, model(images), atol=1e-5)
 
