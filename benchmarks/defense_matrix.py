@@ -144,12 +144,17 @@ def main() -> None:
         parser.error("each --variant needs a name of its own")
     overrides = [*([] if args.config else QUICKSTART_OVERRIDES), f"train.epochs={args.epochs}", *args.overrides]
     attack_params = yaml.safe_load(open(args.attack_params)) if args.attack_params else {}
+    for entry in args.attacks:  # all checked before hours of training, not when the loop reaches them
+        attack, _, mode = entry.partition(":")
+        if "=" in entry:
+            parser.error(f"{entry!r} in --attacks is a training override: --attacks takes every word after it, so "
+                         "give the overrides before --attacks or end its list with another option")
+        if attack not in ATTACKS or (mode or "all-to-one") not in MODES:
+            parser.error(f"unknown attack {entry!r}; attacks: {sorted(ATTACKS)}, each optionally :all-to-all")
     rows = []
     for entry in args.attacks:
         attack, _, mode = entry.partition(":")
         mode = mode or "all-to-one"
-        if attack not in ATTACKS or mode not in MODES:
-            parser.error(f"unknown attack {entry!r}; attacks: {sorted(ATTACKS)}, each optionally :all-to-all")
         params = attack_params.get(attack, {})
         clean_label = ATTACKS[attack].is_clean_label(params)
         spec = BuildSpec(source=args.source, test_source=args.test_source, out="", attack=attack, mode=mode,

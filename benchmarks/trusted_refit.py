@@ -4,7 +4,7 @@
 
 For every finished attack experiment under ``--matrix`` (``benchmarks.defense_matrix``'s folders), the
 undefended model, plain MCCI and each named variant are refitted by ``mcci refit-head`` on the shards'
-trusted split (into ``<attack>/refit/<model>/``; a finished refit is reused) and scored on the test shards
+trusted split (into ``<attack>/refit/<model>-<cv or wdPENALTY>/``; a finished refit is reused) and scored on the test shards
 as ``mcci eval`` scores them (MCCI: mind control). Writes beside the matrix ``trusted_refit.md`` (CA / ASR /
 RA of each model as trained and refitted) and the JSON result. Only heads are trained.
 """
@@ -61,7 +61,8 @@ def attack_row(folder: Path, variants: list[str], weight_decay: float | None, nu
     models = {}
     for name, run in model_folders(folder, variants).items():
         print(f"== {folder.name}: {name}", flush=True)
-        refit = refitted(run, shards, folder / "refit" / name.replace(" ", "-"), weight_decay, num_workers, device)
+        penalty = "cv" if weight_decay is None else f"wd{weight_decay:g}"
+        refit = refitted(run, shards, folder / "refit" / f"{name}-{penalty}", weight_decay, num_workers, device)
         models[name] = {"trained": trained[name], "refitted": refit["metrics"],
                         "weight_decay": refit["refit"]["weight_decay"], "trusted_samples": refit["refit"]["samples"]}
     return {"attack": folder.name, "baseline_asr": experiment["baseline"]["asr"],

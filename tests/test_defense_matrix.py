@@ -108,3 +108,15 @@ def test_the_matrix_trains_each_variant_and_seed_beside_mcci_and_tables_them(tmp
 def row_config(out) -> dict:
     return json.loads((out / "badnets" / "experiment.json").read_text())["config"]
 
+
+
+@pytest.mark.parametrize("attacks, message", [(["badnets", "data.augment.hflip=true"], "is a training override"),
+                                              (["badnets", "nosuch"], "unknown attack 'nosuch'")])
+def test_every_attack_is_checked_before_anything_is_built(tmp_path, monkeypatch, capsys, attacks, message):
+    # found when overrides placed after --attacks were taken for attacks, after the first attack had trained
+    out = tmp_path / "matrix"
+    monkeypatch.setattr(sys, "argv", ["defense_matrix", "--out", str(out), "--attacks", *attacks])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()

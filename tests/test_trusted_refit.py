@@ -19,12 +19,12 @@ def test_each_model_is_refitted_once_and_scored_as_eval_scores_it(trained, tiny_
     row = attack_row(folder, [], None, 0, "cpu")
     assert list(row["models"]) == ["undefended", "MCCI"]
     assert row["models"]["MCCI"]["trained"]["asr"] == pytest.approx(metrics["mcci"]["mind_control"]["asr"], abs=1e-4)
-    refit_mcci = evaluate_checkpoint(folder / "refit" / "MCCI", str(tiny_shards), num_workers=0, device="cpu")
+    refit_mcci = evaluate_checkpoint(folder / "refit" / "MCCI-cv", str(tiny_shards), num_workers=0, device="cpu")
     assert row["models"]["MCCI"]["refitted"] == {k: pytest.approx(refit_mcci["mcci"]["mind_control"][k], abs=1e-4)
                                                  for k in ("clean_acc", "asr", "ra")}
     assert row["models"]["undefended"]["trusted_samples"] == 6
 
-    written = (folder / "refit" / "MCCI" / "model" / "model.safetensors").stat().st_mtime_ns
+    written = (folder / "refit" / "MCCI-cv" / "model" / "model.safetensors").stat().st_mtime_ns
     assert attack_row(folder, [], None, 0, "cpu") == row  # read back, not refitted again
-    assert (folder / "refit" / "MCCI" / "model" / "model.safetensors").stat().st_mtime_ns == written
+    assert (folder / "refit" / "MCCI-cv" / "model" / "model.safetensors").stat().st_mtime_ns == written
     assert markdown([row]).count("| badnets |") == 2
