@@ -19,7 +19,7 @@ from typing import Any
 from benchmarks.common import write_result
 from benchmarks.defense_matrix import ATTACK_FAILED, BASELINE_ASR_MIN
 from pipeline.jobs.evaluate import evaluate_checkpoint
-from pipeline.jobs.refit_head import REFIT_FILE, refit_head
+from pipeline.jobs.refit_head import CROSS_VALIDATE, DEFAULT_WEIGHT_DECAY, REFIT_FILE, refit_head
 from pipeline.support.report import write_json
 
 METRICS = ("clean_acc", "asr", "ra")
@@ -39,7 +39,7 @@ def model_folders(attack_folder: Path, variants: list[str]) -> dict[str, Path]:
     return runs
 
 
-def refitted(run: Path, shards: Path, out: Path, weight_decay: float | None, num_workers: int,
+def refitted(run: Path, shards: Path, out: Path, weight_decay: float | str, num_workers: int,
              device: str) -> dict[str, Any]:
     """Refit ``run``'s head into ``out`` and score it, or read what an earlier call wrote there."""
     if not (out / "metrics.json").is_file():
@@ -51,7 +51,7 @@ def refitted(run: Path, shards: Path, out: Path, weight_decay: float | None, num
             "metrics": _predicting(json.loads((out / "metrics.json").read_text()))}
 
 
-def attack_row(folder: Path, variants: list[str], weight_decay: float | None, num_workers: int,
+def attack_row(folder: Path, variants: list[str], weight_decay: float | str, num_workers: int,
                device: str) -> dict[str, Any]:
     experiment = json.loads((folder / "metrics.json").read_text())
     shards = folder / "shards"
@@ -61,7 +61,7 @@ def attack_row(folder: Path, variants: list[str], weight_decay: float | None, nu
     models = {}
     for name, run in model_folders(folder, variants).items():
         print(f"== {folder.name}: {name}", flush=True)
-        penalty = "cv" if weight_decay is None else f"wd{weight_decay:g}"
+        penalty = weight_decay if weight_decay == CROSS_VALIDATE else f"wd{weight_decay:g}"
         refit = refitted(run, shards, folder / "refit" / f"{name}-{penalty}", weight_decay, num_workers, device)
         models[name] = {"trained": trained[name], "refitted": refit["metrics"],
                         "weight_decay": refit["refit"]["weight_decay"], "trusted_samples": refit["refit"]["samples"]}
@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--matrix", required=True, help="a benchmarks.defense_matrix --out folder")
     parser.add_argument("--attacks", nargs="+", help="attack folders to refit (default: every finished one)")
     parser.add_argument("--variants", nargs="+", default=[], help="variant runs to refit beside plain MCCI")
-    parser.add_argument("--weight-decay", type=float, help="the refit's L2 penalty (default: cross-validated)")
+    parser.add_argument("--weight-decay", type=lambda t: t if t == CROSS_VALIDATE else float(t),
+                        default=DEFAULT_WEIGHT_DECAY, help="the refit's L2 penalty, or cv (cross-validated)")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", help="the JSON result (default: benchmarks/results/trusted_refit-DATE.json)")
@@ -101,7 +102,7 @@ def main() -> None:
     table = markdown(rows)
     print(table)
     (matrix / "trusted_refit.md").write_text(table + "\n")
-    write_result("trusted_refit", {"matrix": str(matrix), "weight_decay": args.weight_decay or "cross-validated",
+    write_result("trusted_refit", {"matrix": str(matrix), "weight_decay": args.weight_decay,
                                    "variants": args.variants, "rows": rows}, args.out)
 
 

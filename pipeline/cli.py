@@ -42,6 +42,15 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _float_or_cv(text: str) -> float | str:
+    if text == "cv":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor cv") from None
+
+
 def _device(text: str) -> str:
     import torch
 
@@ -286,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--shards", required=True, help="a shard folder of the model's classes with a trusted split "
                    "(mcci shards build --trusted-count N)")
     r.add_argument("--out", required=True, help="new folder for the refitted model (model/, refit.json)")
-    r.add_argument("--weight-decay", type=float, help="L2 penalty of the refit (default: chosen by 5-fold "
-                   "cross-validation on the trusted images)")
+    r.add_argument("--weight-decay", type=_float_or_cv, default=0.01, help="L2 penalty of the refit (default 0.01), "
+                   "or cv: chosen by 5-fold cross-validation on the trusted images")
     _add_compute_args(r, batch_size=256, loader_workers=True)
     r.set_defaults(func=_refit_head)
 

@@ -46,7 +46,8 @@ def test_read_and_write_head_round_trip_through_the_model_as_it_predicts(trained
 def test_refit_head_writes_a_model_that_eval_takes_and_that_predicts_with_the_refitted_head(trained, tiny_shards,
                                                                                             tmp_path, run):
     out = tmp_path / "refit"
-    main(["refit-head", "--checkpoint", str(trained / run), "--shards", str(tiny_shards), "--out", str(out), *CPU])
+    main(["refit-head", "--checkpoint", str(trained / run), "--shards", str(tiny_shards), "--out", str(out),
+          "--weight-decay", "cv", *CPU])
     record = json.loads((out / "refit.json").read_text())
     assert record["samples"] == 6 and record["split"] == "trusted"
     assert float(record["weight_decay"]) in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -79,6 +80,8 @@ def test_a_given_weight_decay_is_used_and_not_cross_validated(trained, tiny_shar
     record = refit_head(trained / "mcci", str(tiny_shards), tmp_path / "r", weight_decay=0.5, num_workers=0,
                         device="cpu")
     assert record["weight_decay"] == 0.5 and record["chosen_by"] == "given" and not record["cross_validated_accuracy"]
+    default = refit_head(trained / "mcci", str(tiny_shards), tmp_path / "d", num_workers=0, device="cpu")
+    assert default["weight_decay"] == 0.01 and default["chosen_by"] == "given"
 
 
 def _error(capsys, argv: list[str]) -> str:
@@ -97,7 +100,7 @@ def test_refit_head_refuses_what_it_cannot_do_safely(trained, tiny_shards, tmp_p
     (taken / "keep.txt").write_text("a user's file")
     assert "is not empty" in _error(capsys, [*base, "--shards", str(tiny_shards), "--out", str(taken)])
     assert (taken / "keep.txt").read_text() == "a user's file"
-    assert "must be >= 0" in _error(capsys, [*base, "--shards", str(tiny_shards), "--out", str(tmp_path / "n"),
+    assert "must be a number >= 0" in _error(capsys, [*base, "--shards", str(tiny_shards), "--out", str(tmp_path / "n"),
                                              "--weight-decay", "-1"])
 
     source = tiny_shards.parent / "data"

@@ -6,7 +6,9 @@ it. The trusted images never carried a trigger, so a linear readout of the featu
 has no reason to map a triggered input to the target (docs/RESULTS.md measures it, and the same refit of
 an undefended model's classifier beside it). The refit is of the layer the model predicts with (MCCI: the
 SFRN's half of the fusion head under mind control; undefended: its classifier), by logistic regression
-whose L2 penalty is chosen by cross-validation on the trusted images (``pipeline/components/head_refit.py``).
+with an L2 penalty towards zero (``pipeline/components/head_refit.py``): 0.01 by default, the value measured on
+the reduced CIFAR-10 matrix, or ``cv`` to choose it by 5-fold cross-validation on the trusted images (with 100 of
+them it chose penalties that cost 11-13 more points of clean accuracy there: docs/RESULTS.md).
 
 Never refit on the model's own training split: its poisoned samples teach the refit the trigger that the
 trained head ignored (refused here; docs/RESULTS.md "refit on every training sample").
@@ -35,6 +37,8 @@ from pipeline.support.report import write_json
 
 SPLIT = "trusted"
 REFIT_FILE = "refit.json"
+DEFAULT_WEIGHT_DECAY = 0.01
+CROSS_VALIDATE = "cv"
 
 
 def _trusted_count(manifest: dict[str, Any], shards: str) -> int:
@@ -45,14 +49,14 @@ def _trusted_count(manifest: dict[str, Any], shards: str) -> int:
     return count
 
 
-def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_decay: float | None = None,
+def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_decay: float | str = DEFAULT_WEIGHT_DECAY,
                batch_size: int = 256, num_workers: int = 2, device: str | None = None) -> dict[str, Any] | None:
-    """Refit on ``shards``' trusted split and write ``out``; ``weight_decay`` None: chosen by 5-fold
+    """Refit on ``shards``' trusted split and write ``out``; ``weight_decay`` ``"cv"``: chosen by 5-fold
     cross-validation from ``WEIGHT_DECAYS``. The main process does the work and returns the record;
     other ranks wait and return None."""
     out = Path(out)
-    if weight_decay is not None and weight_decay < 0:
-        raise JobError(f"--weight-decay must be >= 0, got {weight_decay}")
+    if weight_decay != CROSS_VALIDATE and not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        raise JobError(f"--weight-decay must be a number >= 0 or {CROSS_VALIDATE!r}, got {weight_decay!r}")
     if out.exists() and any(out.iterdir()):
         raise JobError(f"{out} is not empty; choose a new --out (the refitted model is a model of its own)")
     state = PartialState(cpu=device == "cpu")
@@ -76,7 +80,7 @@ def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_deca
     layer, width = refit_layer(model)
     trained = read_head(layer, width, data["constant"])
     features, labels = data["features"], data["labels"]
-    if weight_decay is None:
+    if weight_decay == CROSS_VALIDATE:
         weight_decay, cv_accuracy = choose_weight_decay(features, labels, trained)
     else:
         cv_accuracy = {}
