@@ -4,7 +4,7 @@
 
 For every finished attack experiment under ``--matrix`` (``benchmarks.defense_matrix``'s folders), the
 undefended model, plain MCCI and each named variant are refitted by ``mcci refit-head`` on the shards'
-trusted split (into ``<attack>/refit/<model>-<cv or wdPENALTY>/``; a finished refit is reused) and scored on the test shards
+trusted split (into ``<attack>/refit/<model>-<cv or wdPENALTY>[-nIMAGES]/``; a finished refit is reused) and scored on the test shards
 as ``mcci eval`` scores them (MCCI: mind control). Writes beside the matrix ``trusted_refit.md`` (CA / ASR /
 RA of each model as trained and refitted) and the JSON result. Only heads are trained.
 """
@@ -39,20 +39,20 @@ def model_folders(attack_folder: Path, variants: list[str]) -> dict[str, Path]:
     return runs
 
 
-def refitted(run: Path, shards: Path, out: Path, weight_decay: float | str, num_workers: int,
-             device: str) -> dict[str, Any]:
+def refitted(run: Path, shards: Path, out: Path, weight_decay: float | str, max_images: int | None,
+             num_workers: int, device: str) -> dict[str, Any]:
     """Refit ``run``'s head into ``out`` and score it, or read what an earlier call wrote there."""
     if not (out / "metrics.json").is_file():
         if not (out / REFIT_FILE).is_file():
             shutil.rmtree(out, ignore_errors=True)  # a refit stopped before its record: this benchmark's own folder
-            refit_head(run, str(shards), out, weight_decay, num_workers=num_workers, device=device)
+            refit_head(run, str(shards), out, weight_decay, max_images, num_workers=num_workers, device=device)
         write_json(out / "metrics.json", evaluate_checkpoint(out, str(shards), num_workers=num_workers, device=device))
     return {"refit": json.loads((out / REFIT_FILE).read_text()),
             "metrics": _predicting(json.loads((out / "metrics.json").read_text()))}
 
 
-def attack_row(folder: Path, variants: list[str], weight_decay: float | str, num_workers: int,
-               device: str) -> dict[str, Any]:
+def attack_row(folder: Path, variants: list[str], weight_decay: float | str, max_images: int | None,
+               num_workers: int, device: str) -> dict[str, Any]:
     experiment = json.loads((folder / "metrics.json").read_text())
     shards = folder / "shards"
     trained = {"undefended": _predicting(experiment), "MCCI": _predicting({"mcci": experiment["mcci"]})}
@@ -62,7 +62,9 @@ def attack_row(folder: Path, variants: list[str], weight_decay: float | str, num
     for name, run in model_folders(folder, variants).items():
         print(f"== {folder.name}: {name}", flush=True)
         penalty = weight_decay if weight_decay == CROSS_VALIDATE else f"wd{weight_decay:g}"
-        refit = refitted(run, shards, folder / "refit" / f"{name}-{penalty}", weight_decay, num_workers, device)
+        images = "" if max_images is None else f"-n{max_images}"
+        refit = refitted(run, shards, folder / "refit" / f"{name}-{penalty}{images}", weight_decay, max_images,
+                         num_workers, device)
         models[name] = {"trained": trained[name], "refitted": refit["metrics"],
                         "weight_decay": refit["refit"]["weight_decay"], "trusted_samples": refit["refit"]["samples"]}
     return {"attack": folder.name, "baseline_asr": experiment["baseline"]["asr"],
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=[], help="variant runs to refit beside plain MCCI")
     parser.add_argument("--weight-decay", type=lambda t: t if t == CROSS_VALIDATE else float(t),
                         default=DEFAULT_WEIGHT_DECAY, help="the refit's L2 penalty, or cv (cross-validated)")
+    parser.add_argument("--max-images", type=int, help="refit on a seeded random N of the trusted images (default: all)")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", help="the JSON result (default: benchmarks/results/trusted_refit-DATE.json)")
@@ -98,11 +101,12 @@ def main() -> None:
                      and (args.attacks is None or p.name in args.attacks))
     if not folders:
         raise SystemExit(f"{matrix}: no finished attack experiment to refit; run benchmarks.defense_matrix there first")
-    rows = [attack_row(f, args.variants, args.weight_decay, args.num_workers, args.device) for f in folders]
+    rows = [attack_row(f, args.variants, args.weight_decay, args.max_images, args.num_workers, args.device)
+            for f in folders]
     table = markdown(rows)
     print(table)
     (matrix / "trusted_refit.md").write_text(table + "\n")
-    write_result("trusted_refit", {"matrix": str(matrix), "weight_decay": args.weight_decay,
+    write_result("trusted_refit", {"matrix": str(matrix), "weight_decay": args.weight_decay, "max_images": args.max_images,
                                    "variants": args.variants, "rows": rows}, args.out)
 
 

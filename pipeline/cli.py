@@ -177,8 +177,8 @@ def _export(args: argparse.Namespace) -> None:
 def _refit_head(args: argparse.Namespace) -> None:
     from pipeline.jobs.refit_head import describe, refit_head
 
-    record = refit_head(args.checkpoint, args.shards, args.out, args.weight_decay, args.batch_size, args.num_workers,
-                        args.device)
+    record = refit_head(args.checkpoint, args.shards, args.out, args.weight_decay, args.max_images, args.batch_size,
+                        args.num_workers, args.device)
     if record is not None:  # the main process
         print(describe(record, args.out))
 
@@ -297,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="new folder for the refitted model (model/, refit.json)")
     r.add_argument("--weight-decay", type=_float_or_cv, default=0.01, help="L2 penalty of the refit (default 0.01), "
                    "or cv: chosen by 5-fold cross-validation on the trusted images")
+    r.add_argument("--max-images", type=_at_least(1), help="refit on a seeded random N of the trusted images (default: all)")
     _add_compute_args(r, batch_size=256, loader_workers=True)
     r.set_defaults(func=_refit_head)
 

@@ -9,6 +9,7 @@ from pipeline.components.head_refit import (accuracy, choose_weight_decay, fit_h
                                             refit_layer, write_head)
 from pipeline.components.models import build_transform, load_trained
 from pipeline.jobs.refit_head import refit_head
+from pipeline.support.errors import JobError
 
 CPU = ["--num-workers", "0", "--device", "cpu"]
 
@@ -81,7 +82,13 @@ def test_a_given_weight_decay_is_used_and_not_cross_validated(trained, tiny_shar
                         device="cpu")
     assert record["weight_decay"] == 0.5 and record["chosen_by"] == "given" and not record["cross_validated_accuracy"]
     default = refit_head(trained / "mcci", str(tiny_shards), tmp_path / "d", num_workers=0, device="cpu")
-    assert default["weight_decay"] == 0.01 and default["chosen_by"] == "given"
+    assert default["weight_decay"] == 0.01 and default["chosen_by"] == "given" and default["samples"] == 6
+    # the trusted split is in class order (class_2 last); a random subset of 5 still holds every class here
+    five = refit_head(trained / "mcci", str(tiny_shards), tmp_path / "f", weight_decay=0.0, max_images=5,
+                      num_workers=0, device="cpu")
+    assert five["samples"] == 5
+    with pytest.raises(JobError, match="no image of 2 class"):  # one image cannot hold three classes: refused
+        refit_head(trained / "mcci", str(tiny_shards), tmp_path / "g", max_images=1, num_workers=0, device="cpu")
 
 
 def _error(capsys, argv: list[str]) -> str:

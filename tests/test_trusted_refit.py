@@ -16,7 +16,7 @@ def test_each_model_is_refitted_once_and_scored_as_eval_scores_it(trained, tiny_
                **evaluate_checkpoint(trained / "mcci", str(tiny_shards), num_workers=0, device="cpu")}
     (folder / "metrics.json").write_text(json.dumps(metrics))
 
-    row = attack_row(folder, [], "cv", 0, "cpu")
+    row = attack_row(folder, [], "cv", None, 0, "cpu")
     assert list(row["models"]) == ["undefended", "MCCI"]
     assert row["models"]["MCCI"]["trained"]["asr"] == pytest.approx(metrics["mcci"]["mind_control"]["asr"], abs=1e-4)
     refit_mcci = evaluate_checkpoint(folder / "refit" / "MCCI-cv", str(tiny_shards), num_workers=0, device="cpu")
@@ -25,6 +25,6 @@ def test_each_model_is_refitted_once_and_scored_as_eval_scores_it(trained, tiny_
     assert row["models"]["undefended"]["trusted_samples"] == 6
 
     written = (folder / "refit" / "MCCI-cv" / "model" / "model.safetensors").stat().st_mtime_ns
-    assert attack_row(folder, [], "cv", 0, "cpu") == row  # read back, not refitted again
+    assert attack_row(folder, [], "cv", None, 0, "cpu") == row  # read back, not refitted again
     assert (folder / "refit" / "MCCI-cv" / "model" / "model.safetensors").stat().st_mtime_ns == written
     assert markdown([row]).count("| badnets |") == 2

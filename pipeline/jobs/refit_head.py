@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import PartialState
 
 from mcci_models.saved import MODEL_DIR
@@ -41,18 +42,18 @@ DEFAULT_WEIGHT_DECAY = 0.01
 CROSS_VALIDATE = "cv"
 
 
-def _trusted_count(manifest: dict[str, Any], shards: str) -> int:
-    count = manifest["splits"].get(SPLIT, {}).get("count", 0)
-    if count == 0:
+def _check_trusted(manifest: dict[str, Any], shards: str) -> None:
+    if manifest["splits"].get(SPLIT, {}).get("count", 0) == 0:
         raise JobError(f"{shards} has no trusted images; build shards with --trusted-count N (clean training images "
                        "held out as the defender's trusted set, default 100) and refit on those")
-    return count
 
 
 def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_decay: float | str = DEFAULT_WEIGHT_DECAY,
-               batch_size: int = 256, num_workers: int = 2, device: str | None = None) -> dict[str, Any] | None:
+               max_images: int | None = None, batch_size: int = 256, num_workers: int = 2,
+               device: str | None = None) -> dict[str, Any] | None:
     """Refit on ``shards``' trusted split and write ``out``; ``weight_decay`` ``"cv"``: chosen by 5-fold
-    cross-validation from ``WEIGHT_DECAYS``. The main process does the work and returns the record;
+    cross-validation from ``WEIGHT_DECAYS``; ``max_images``: a seeded random subset of that many trusted images
+    (to measure how many a refit needs). The main process does the work and returns the record;
     other ranks wait and return None."""
     out = Path(out)
     if weight_decay != CROSS_VALIDATE and not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
@@ -67,10 +68,16 @@ def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_deca
     dev = job_device(state, device)
     model, cfg, meta = load_trained(checkpoint, dev)
     manifest = load_matching_manifest(shards, meta)
-    count = _trusted_count(manifest, shards)
+    _check_trusted(manifest, shards)
+    if max_images is not None and max_images < 1:
+        raise JobError(f"--max-images must be at least 1, got {max_images}")
     loader = eval_loader(shards, manifest, SPLIT, batch_size, num_workers, by_rank=False,
                          stream=StreamOptions.from_config(cfg.data))
     data = layer_inputs(model, loader, build_transform(cfg, spectra=False), dev)
+    if max_images is not None and max_images < len(data["labels"]):
+        # a seeded random subset: shards keep their source's order, which is by class for a folder tree
+        keep = torch.randperm(len(data["labels"]), generator=torch.Generator().manual_seed(0))[:max_images]
+        data = {k: v if k == "constant" else v[keep] for k, v in data.items()}
     missing = sorted(set(range(meta["num_classes"])) - set(data["labels"].tolist()))
     if missing:
         names = [meta["class_names"][k] for k in missing]
@@ -86,7 +93,7 @@ def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_deca
         cv_accuracy = {}
     refitted = fit_head(features, labels, trained, weight_decay)
     write_head(layer, width, data["constant"], refitted)
-    record = {"checkpoint": str(checkpoint), "shards": str(shards), "split": SPLIT, "samples": count,
+    record = {"checkpoint": str(checkpoint), "shards": str(shards), "split": SPLIT, "samples": len(data["labels"]),
               "layer": "fusion head, SFRN half (mind control)" if width < layer.in_features else "classifier",
               "weight_decay": weight_decay,
               "chosen_by": "5-fold cross-validation on the trusted split" if cv_accuracy else "given",
