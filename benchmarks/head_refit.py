@@ -35,7 +35,6 @@ from pipeline.data.transforms import InputTransform
 from pipeline.support.metrics import Counts, attack_targets, count_clean, count_triggered
 
 
-
 def split_features(model: MCCI, shards: str, manifest: dict[str, Any], split: str, transform: InputTransform,
                    device: torch.device, batch_size: int, num_workers: int) -> dict[str, torch.Tensor]:
     """What the head reads under mind control (the SFRN's features) for every sample of ``split``."""

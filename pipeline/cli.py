@@ -177,8 +177,9 @@ def _export(args: argparse.Namespace) -> None:
 def _refit_head(args: argparse.Namespace) -> None:
     from pipeline.jobs.refit_head import describe, refit_head
 
-    record = refit_head(args.checkpoint, args.shards, args.out, args.weight_decay, args.max_images, args.batch_size,
-                        args.num_workers, args.device)
+    penalty = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}  # else the job's default
+    record = refit_head(args.checkpoint, args.shards, args.out, max_images=args.max_images, batch_size=args.batch_size,
+                        num_workers=args.num_workers, device=args.device, **penalty)
     if record is not None:  # the main process
         print(describe(record, args.out))
 
@@ -295,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--shards", required=True, help="a shard folder of the model's classes with a trusted split "
                    "(mcci shards build --trusted-count N)")
     r.add_argument("--out", required=True, help="new folder for the refitted model (model/, refit.json)")
-    r.add_argument("--weight-decay", type=_float_or_cv, default=0.01, help="L2 penalty of the refit (default 0.01), "
+    r.add_argument("--weight-decay", type=_float_or_cv, help="L2 penalty of the refit (default 0.01), "
                    "or cv: chosen by 5-fold cross-validation on the trusted images")
     r.add_argument("--max-images", type=_at_least(1), help="refit on a seeded random N of the trusted images (default: all)")
     _add_compute_args(r, batch_size=256, loader_workers=True)

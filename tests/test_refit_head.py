@@ -119,3 +119,10 @@ def test_refit_head_refuses_what_it_cannot_do_safely(trained, tiny_shards, tmp_p
         err = _error(capsys, [*base, "--shards", str(shards), "--out", str(tmp_path / f"out-{count}")])
         assert message in err
         assert not (tmp_path / f"out-{count}").exists()
+
+
+def test_the_command_without_a_penalty_uses_the_jobs_default(trained, tiny_shards, tmp_path, capsys):
+    main(["refit-head", "--checkpoint", str(trained / "baseline"), "--shards", str(tiny_shards), "--out",
+          str(tmp_path / "r"), *CPU])
+    assert json.loads((tmp_path / "r" / "refit.json").read_text())["weight_decay"] == 0.01
+    assert "weight decay 0.01 as given" in capsys.readouterr().out
