@@ -55,17 +55,16 @@ def attack_row(folder: Path, variants: list[str], weight_decay: float | str, max
                num_workers: int, device: str) -> dict[str, Any]:
     experiment = json.loads((folder / "metrics.json").read_text())
     shards = folder / "shards"
-    trained = {"undefended": _predicting(experiment), "MCCI": _predicting({"mcci": experiment["mcci"]})}
-    trained.update({name: _predicting(json.loads((folder / "variants" / name / "metrics.json").read_text()))
-                    for name in variants if (folder / "variants" / name / "metrics.json").is_file()})
     models = {}
     for name, run in model_folders(folder, variants).items():
         print(f"== {folder.name}: {name}", flush=True)
+        metrics = {"undefended": {"baseline": experiment["baseline"]}, "MCCI": {"mcci": experiment["mcci"]}}.get(name)
+        trained = _predicting(metrics or json.loads((run.parent / "metrics.json").read_text()))  # a variant's own
         penalty = weight_decay if weight_decay == CROSS_VALIDATE else f"wd{weight_decay:g}"
         images = "" if max_images is None else f"-n{max_images}"
         refit = refitted(run, shards, folder / "refit" / f"{name}-{penalty}{images}", weight_decay, max_images,
                          num_workers, device)
-        models[name] = {"trained": trained[name], "refitted": refit["metrics"],
+        models[name] = {"trained": trained, "refitted": refit["metrics"],
                         "weight_decay": refit["refit"]["weight_decay"], "trusted_samples": refit["refit"]["samples"]}
     return {"attack": folder.name, "baseline_asr": experiment["baseline"]["asr"],
             "attack_failed": experiment["baseline"]["asr"] < BASELINE_ASR_MIN, "models": models}

@@ -8,10 +8,10 @@ an undefended model's classifier beside it). The refit is of the layer the model
 SFRN's half of the fusion head under mind control; undefended: its classifier), by logistic regression
 with an L2 penalty towards zero (``pipeline/components/head_refit.py``): 0.01 by default, the value measured on
 the reduced CIFAR-10 matrix, or ``cv`` to choose it by 5-fold cross-validation on the trusted images (with 100 of
-them it chose penalties that cost 11-13 more points of clean accuracy there: docs/RESULTS.md).
+them it chose penalties that cost 7-10 more points of clean accuracy there than 0.01: docs/RESULTS.md).
 
 Never refit on the model's own training split: its poisoned samples teach the refit the trigger that the
-trained head ignored (refused here; docs/RESULTS.md "refit on every training sample").
+trained head ignored (docs/RESULTS.md, "refit on every training sample"); this job reads the trusted split only.
 
 Writes ``<out>/model`` (the model with the new head, in the folder format of ``mcci train``, so eval,
 predict, export and audit take it) and ``<out>/refit.json`` (the trusted set, the penalty and its
@@ -60,6 +60,8 @@ def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_deca
         raise JobError(f"--weight-decay must be a number >= 0 or {CROSS_VALIDATE!r}, got {weight_decay!r}")
     if out.exists() and any(out.iterdir()):
         raise JobError(f"{out} is not empty; choose a new --out (the refitted model is a model of its own)")
+    if max_images is not None and max_images < 1:
+        raise JobError(f"--max-images must be at least 1, got {max_images}")
     state = PartialState(cpu=device == "cpu")
     if not state.is_main_process:
         state.wait_for_everyone()
@@ -69,8 +71,6 @@ def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_deca
     model, cfg, meta = load_trained(checkpoint, dev)
     manifest = load_matching_manifest(shards, meta)
     _check_trusted(manifest, shards)
-    if max_images is not None and max_images < 1:
-        raise JobError(f"--max-images must be at least 1, got {max_images}")
     loader = eval_loader(shards, manifest, SPLIT, batch_size, num_workers, by_rank=False,
                          stream=StreamOptions.from_config(cfg.data))
     data = layer_inputs(model, loader, build_transform(cfg, spectra=False), dev)
