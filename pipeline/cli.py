@@ -327,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     debug = getattr(args, "debug", False) or os.environ.get("MCCI_DEBUG", "0") not in ("", "0")
     try:
         args.func(args)
+        from pipeline.components.distributed import leave_process_group
+        leave_process_group()
     except BrokenPipeError:  # output piped into `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -198,3 +198,17 @@ def test_models_record_their_data_and_jobs_check_it(trained, tiny_shards, tmp_pa
     r = mcci("eval", "--checkpoint", str(trained / "mcci"), "--shards", str(tmp_path / "other"), "--device", "cpu",
              check=False)
     assert r.returncode == 2 and "says num_classes 4 but names 3 classes" in r.stderr
+
+
+def test_a_command_leaves_the_process_group_it_ran_in(trained, tiny_shards, tmp_path):
+    """Under torchrun a rank that exits with its gloo group alive can abort at interpreter exit."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        main(["eval", "--checkpoint", str(trained / "mcci"), "--shards", str(tiny_shards), "--out", str(tmp_path / "m.json"),
+              "--num-workers", "0", "--device", "cpu"])
+    finally:
+        left = not dist.is_initialized()
+        if not left:
+            dist.destroy_process_group()
+    assert left and (tmp_path / "m.json").exists()

@@ -50,3 +50,11 @@ def shards_parameters(accelerator: Accelerator) -> bool:
     plugin = accelerator.state.deepspeed_plugin
     zero3 = plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
     return zero3 or accelerator.distributed_type == DistributedType.FSDP
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group, if a job joined one (eval, audit, refit-head under torchrun).
+    Left to the interpreter's exit, gloo's worker threads can be torn down mid-work and abort the rank
+    ("terminate called without an active exception", SIGABRT); `Accelerator.end_training` does this for train."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
