@@ -16,11 +16,13 @@ REFERENCE_KINDS = ("feature", "spectrum")
 
 
 class MCCIParts(NamedTuple):
-    logits: torch.Tensor  # fused: the model as trained
+    logits: torch.Tensor  # fused: the model as trained, sfrn_term + ain_term + the head's bias
     sfrn_features: torch.Tensor
     ain_features: torch.Tensor
-    sfrn_logits: torch.Tensor  # the SFRN's half of the head alone
-    ain_logits: torch.Tensor  # the AIN's half of the head alone
+    sfrn_logits: torch.Tensor  # the SFRN's half of the head alone (with the bias)
+    ain_logits: torch.Tensor  # the AIN's half of the head alone (with the bias)
+    sfrn_term: torch.Tensor  # the SFRN's half without the bias: a gradient through it reaches the SFRN only
+    ain_term: torch.Tensor  # the AIN's half without the bias
 
 
 class MCCI(nn.Module):
@@ -33,6 +35,9 @@ class MCCI(nn.Module):
         self.register_buffer("reference_feature", torch.zeros(feature_dim))
         self.register_buffer("reference_spectrum", torch.zeros(spectrum_shape))
         self.register_buffer("has_reference", torch.zeros((), dtype=torch.bool))
+        # the buffer's value as a Python bool, read by every mind-control forward without a device sync
+        self.reference_ready = False
+        self.register_load_state_dict_post_hook(_read_reference_flag)
 
     def features(self, images: torch.Tensor, spectra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sfrn(images), self.ain(spectra)
@@ -54,15 +59,23 @@ class MCCI(nn.Module):
         so DDP, ZeRO and FSDP see every use of the head). Without ``spectra``: mind control."""
         if spectra is not None:
             sfrn_features, ain_features = self.features(images, spectra)
-            logits = self.fuse(sfrn_features, ain_features)
             if not return_parts:
-                return logits
-            return MCCIParts(logits, sfrn_features, ain_features, *self.halves(sfrn_features, ain_features))
-        if not bool(self.has_reference):
+                return self.fuse(sfrn_features, ain_features)
+            split = sfrn_features.shape[1]
+            sfrn_term = F.linear(sfrn_features, self.head.weight[:, :split])
+            ain_term = F.linear(ain_features.to(sfrn_features.dtype), self.head.weight[:, split:])
+            bias = self.head.bias
+            return MCCIParts(sfrn_term + ain_term + bias, sfrn_features, ain_features, sfrn_term + bias,
+                             ain_term + bias, sfrn_term, ain_term)
+        sfrn_features = self.sfrn(images)
+        return self.fuse(sfrn_features, self.mind_control_features(images.shape[0]))
+
+    def mind_control_features(self, batch_size: int) -> torch.Tensor:
+        """The AIN's output under mind control, the stored reference, for ``batch_size`` inputs."""
+        if not self.reference_ready:
             raise RuntimeError("this MCCI model has no mind-control reference yet; set one with MCCI.set_reference, "
                                "or load the model folder `mcci train` saved (it holds one)")
-        sfrn_features = self.sfrn(images)
-        return self.fuse(sfrn_features, self.reference_feature.expand(images.shape[0], -1))
+        return self.reference_feature.expand(batch_size, -1)
 
     @torch.no_grad()
     def set_reference(self, kind: str, spectra: torch.Tensor) -> None:
@@ -85,3 +98,9 @@ class MCCI(nn.Module):
         self.reference_spectrum.copy_(mean_spectrum)
         self.reference_feature.copy_(feature.float())
         self.has_reference.fill_(True)
+        self.reference_ready = True
+
+
+def _read_reference_flag(module: MCCI, incompatible_keys) -> None:
+    """After ``load_state_dict``: mirror the loaded ``has_reference`` buffer (one read, at load time)."""
+    module.reference_ready = bool(module.has_reference)

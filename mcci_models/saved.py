@@ -1,6 +1,8 @@
 """A trained model's folder, as ``mcci train`` writes it: ``model.safetensors`` (weights and the
 mind-control reference), ``config.yaml`` (the job's resolved config) and ``model.json`` (classes,
-image size, attack, reference).
+image size, attack, reference, and ``weights``: which weights ``model.safetensors`` holds, ``raw`` or ``ema``).
+A run that kept an EMA saves the EMA there and its raw weights in ``raw.safetensors`` (``other_weights``), each
+with its own mind-control reference.
 
 Reading it lives beside the networks, so whatever needs a trained model (evaluation, or the attacks
 that optimise against a clean model) takes one without the training code. Nothing is unpickled.
@@ -21,6 +23,8 @@ from mcci_models.sfrn import ModelError
 
 MODEL_DIR = "model"
 WEIGHTS = "model.safetensors"
+RAW_WEIGHTS = "raw.safetensors"
+WEIGHT_KINDS = ("raw", "ema")
 CONFIG = "config.yaml"
 MODEL_META = "model.json"
 
@@ -52,16 +56,36 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def read_saved_model(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-    """(config as a plain mapping in today's keys, metadata, weights) of a saved model."""
+def weight_kinds(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, str]:
+    """Which weights a saved model holds, kind -> file: its own (``model.json``'s ``weights``; a model saved before
+    the key holds the EMA if its run kept one, else the raw weights), then ``other_weights``."""
+    own = meta.get("weights") or ("ema" if config["train"].get("ema_decay", 0) > 0 else "raw")
+    return {own: WEIGHTS, **meta.get("other_weights", {})}
+
+
+def read_model_description(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config as a plain mapping in today's keys, metadata) of a saved model, without its weights."""
     d = model_folder(directory)
-    config = upgrade_config(yaml.safe_load((d / CONFIG).read_text()))
-    meta = json.loads((d / MODEL_META).read_text())
+    return upgrade_config(yaml.safe_load((d / CONFIG).read_text())), json.loads((d / MODEL_META).read_text())
+
+
+def read_saved_model(directory: str | Path, weights: str | None = None,
+                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(config as a plain mapping in today's keys, metadata, weights) of a saved model; ``weights``: ``raw`` or
+    ``ema`` (None: the model's own, ``model.safetensors``). The metadata's ``weights`` names the kind returned."""
+    d = model_folder(directory)
+    config, meta = read_model_description(d)
+    kinds = weight_kinds(meta, config)
+    kind = weights or next(iter(kinds))
+    if kind not in kinds:
+        raise ModelError(f"{directory} holds {' and '.join(kinds)} weights, not {kind}"
+                         + (" (its run kept no EMA: train.ema_decay=0)" if kind == "ema" else ""))
+    path = d / kinds[kind]
     try:
-        weights = load_file(str(d / WEIGHTS))
+        state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ModelError(f"{d / WEIGHTS} is not a valid safetensors file: {e}") from e
-    return config, meta, weights
+        raise ModelError(f"{path} is not a valid safetensors file: {e}") from e
+    return config, {**meta, "weights": kind}, state
 
 
 def create_model_from_config(config: Mapping[str, Any], num_classes: int, image_size: int,
@@ -78,9 +102,10 @@ def create_model_from_config(config: Mapping[str, Any], num_classes: int, image_
                         in_chans=ain_in_chans(m.get("ain_view", "spectrum")), log=log)
 
 
-def load_saved_model(directory: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """(model in eval mode on ``device``, its config mapping, its metadata)."""
-    config, meta, weights = read_saved_model(directory)
+def load_saved_model(directory: str | Path, device: torch.device, weights: str | None = None,
+                     ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """(model in eval mode on ``device``, its config mapping, its metadata); ``weights`` as ``read_saved_model``."""
+    config, meta, weights = read_saved_model(directory, weights)
     model = create_model_from_config(config, meta["num_classes"], meta["image_size"], load_pretrained=False)
     try:
         model.load_state_dict(weights)

@@ -118,22 +118,36 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from pipeline.jobs.evaluate import evaluate_checkpoint
-    from pipeline.support.report import add_der, format_table, write_json
+    from pipeline.data.manifest import fingerprint, load_manifest
+    from pipeline.jobs.evaluate import chosen_weights, evaluate_checkpoint
+    from pipeline.support.report import add_der, baseline_figures, format_table, result_sets, write_json
 
     baseline = None
     if args.baseline_metrics:  # read before the evaluation: a bad file is refused before any work
         baseline = _read_file(args.baseline_metrics, "--baseline-metrics", json.loads, "JSON")
-        baseline = baseline.get("baseline", baseline)
-        if not isinstance(baseline, dict) or not {"clean_acc", "asr"} <= set(baseline):
+        figures = baseline_figures(baseline) if isinstance(baseline, dict) else {}
+        if not figures or not all(isinstance(f, dict) and {"clean_acc", "asr"} <= set(f) for f in figures.values()):
             raise ConfigError(f"--baseline-metrics {args.baseline_metrics} has no clean_acc and asr; give the "
                               "JSON `mcci eval --out` wrote for the undefended model")
+    chosen_weights(args.checkpoint, args.weights)  # a kind the model lacks is refused before any work
+    if baseline is not None:
+        scored_on = (baseline.get("data") or {}).get("shards")
+        here = fingerprint(load_manifest(args.shards))
+        if scored_on and scored_on != here:
+            raise ConfigError(f"--baseline-metrics {args.baseline_metrics} was evaluated on shards with data "
+                              f"fingerprint {scored_on}, {args.shards} has {here}: DER compares two models on the "
+                              "same test images; evaluate the undefended model on these shards")
     results = evaluate_checkpoint(args.checkpoint, args.shards, args.reference, args.batch_size, args.num_workers,
-                                  args.device)
+                                  args.device, args.weights)
     if not PartialState().is_main_process:
         return
     if baseline is not None:
         add_der(results, baseline)
+        unmatched = [kind for kind, _ in result_sets(results) if kind not in baseline_figures(baseline)]
+        if unmatched:
+            print(f"note: no DER for the {' and '.join(unmatched)} weights: {args.baseline_metrics} holds the "
+                  f"undefended model's {' and '.join(baseline_figures(baseline))} weights only (DER compares the "
+                  "same kind of weights)")
     data = results["data"]
     if data["trained_on"] and data["shards"] != data["trained_on"]:
         print(f"note: {args.shards} is another build (data fingerprint {data['shards']}) than the model was trained on "
@@ -263,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="metrics JSON to write")
     e.add_argument("--baseline-metrics", help="metrics JSON of the undefended model, for DER")
     e.add_argument("--reference", action="append", default=[], help=f"also evaluate mind control with {REFERENCE_HELP}")
+    e.add_argument("--weights", choices=("raw", "ema", "both"), default=None,
+                   help="which weights to score (default: every set the model holds, its own first: a run that kept "
+                        "an EMA is scored on its raw weights too)")
     _add_compute_args(e, batch_size=256, loader_workers=True)
     e.set_defaults(func=_eval)
 

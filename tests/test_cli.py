@@ -21,8 +21,9 @@ def test_train_writes_model_checkpoint_and_log(trained):
     model_dir = trained / "mcci" / "model"
     assert {p.name for p in model_dir.iterdir()} == {"model.safetensors", "config.yaml", "model.json"}
     meta = json.loads((model_dir / "model.json").read_text())
-    assert meta["reference"] == {"kind": "feature", "source": "trusted", "count": 4, "shards_manifest_seed": 0,
-                                 "attack": "badnets"}
+    assert meta["reference"] == {"kind": "feature", "source": "trusted", "count": 4, "per_class": [2, 1, 1],
+                                 "shards_manifest_seed": 0, "attack": "badnets"}
+    assert meta["weights"] == "raw"  # no EMA: the raw weights, and nothing beside them
     assert meta["class_names"] == ["class_0", "class_1", "class_2"]
     assert (trained / "mcci" / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
     log = [json.loads(line) for line in (trained / "mcci" / "train_log.jsonl").read_text().splitlines()]

@@ -133,7 +133,7 @@ def test_two_ranks_isolate_their_shares_and_flag_what_one_process_flags(tiny_sha
     record = json.loads((tmp_path / "run" / "isolation.json").read_text())
     assert record["samples"] == 42 and record["step"] == 20  # every training sample once, over 5 shards on 2 ranks
     switch = tmp_path / "run" / "checkpoints" / "step-00000020"
-    assert json.loads((switch / "trainer.json").read_text())["isolation"] == record
+    assert json.loads((switch / "trainer.json").read_text())["variant_state"] == record
     cfg = load_config(None, run)
     model = build_model(cfg, 3, 32, load_pretrained=False)
     model.load_state_dict(load_file(str(switch / "model.safetensors")))

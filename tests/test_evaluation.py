@@ -92,3 +92,62 @@ def test_evaluation_reads_counts_back_once_not_per_batch(shards, monkeypatch):
         evaluate(model, str(shards), manifest, TRANSFORM, CPU, batch_size=batch_size, num_workers=0)
         per_batch_size[batch_size] = list(reads)
     assert per_batch_size[BATCH] == per_batch_size[16]
+
+
+@pytest.fixture(scope="module")
+def ordered_shards(tmp_path_factory) -> Path:
+    """Shards whose trusted split, as a folder tree's, is stored in class order: 4 per class of 3."""
+    from shards.build import BuildSpec, build_shards
+
+    from conftest import make_image_tree
+
+    root = tmp_path_factory.mktemp("ordered")
+    make_image_tree(root / "data", classes=CLASSES, per_class=10, test_per_class=3)
+    build_shards(BuildSpec(source=str(root / "data"), out=str(root / "shards"), poison_rate=0.2, target=TARGET,
+                           shard_size=4, trusted_count=12), progress=False)
+    return root / "shards"
+
+
+def test_the_reference_is_drawn_from_every_class_of_a_class_ordered_split(ordered_shards):
+    from pipeline.components.evaluation import class_quotas, reference_spectra
+
+    manifest = load_manifest(str(ordered_shards))
+    stored = [int(y) for b in eval_loader(str(ordered_shards), manifest, "trusted", 64, 0) for y in b.labels]
+    assert stored == sorted(stored) and stored[:3] == [0, 0, 0]  # the first three would be one class
+    transform = InputTransform((0.5,) * 3, (0.5,) * 3, AugmentConfig(), "log", "torch", with_spectra=True)
+    spectra, per_class = reference_spectra(str(ordered_shards), manifest, "trusted", 3, transform, CPU)
+    assert per_class == [1, 1, 1] and spectra.shape[0] == 3
+    # they are the first image of each class: the same spectra as those images' own
+    firsts = {}
+    for batch in eval_loader(str(ordered_shards), manifest, "trusted", 64, 0):
+        for image, label in zip(batch.images, batch.labels.tolist()):
+            firsts.setdefault(label, image)
+    expected = transform(torch.stack([firsts[c] for c in range(CLASSES)]), train=False).spectra
+    torch.testing.assert_close(spectra, expected, atol=2e-3, rtol=0)  # JPEG/PNG decoders agree to rounding
+    assert class_quotas(7, 3) == [3, 2, 2] and class_quotas(2, 3) == [1, 1, 0]
+    _, short = reference_spectra(str(ordered_shards), manifest, "trusted", 30, transform, CPU)
+    # asked for more than there are: every class gives what it has, and the record says so
+    assert short == [stored.count(c) for c in range(CLASSES)]
+
+
+def test_mcci_evaluation_runs_the_sfrn_once_per_batch_for_both_modes(shards):
+    from mcci_models import create_model
+
+    manifest = load_manifest(str(shards))
+    torch.manual_seed(0)
+    model = create_model("mcci", "mcci_convnet_tiny", CLASSES, 32, feature_dim=4, ain_widths=(4, 4, 4)).eval()
+    transform = InputTransform((0.5,) * 3, (0.5,) * 3, AugmentConfig(), "log", "torch", with_spectra=True)
+    model.set_reference("feature", torch.randn(2, 3, 32, 32))
+    calls = []
+    model.sfrn.register_forward_hook(lambda *_: calls.append(1))
+    parts = {}
+    results = evaluate(model, str(shards), manifest, transform, CPU, batch_size=BATCH, num_workers=0, parts=parts)
+    batches = sum(1 for split in ("test-clean", "test-poisoned")
+                  for _ in eval_loader(str(shards), manifest, split, BATCH, 0))
+    assert len(calls) == batches  # once for both modes and the parts' figures
+    calls.clear()
+    assert evaluate(model, str(shards), manifest, transform, CPU, batch_size=BATCH, num_workers=0) == results
+    assert len(calls) == batches
+    mind_control = results["mind_control"]
+    # the triggered inputs mind control sends to neither the target nor their class
+    assert parts["mind_control_other"] == pytest.approx(1 - mind_control["asr"] - mind_control["ra"], abs=1e-4)

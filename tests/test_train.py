@@ -147,18 +147,17 @@ def test_resume_with_another_batch_size_is_refused(tiny_shards, tmp_path, capsys
 
 
 def test_a_non_finite_loss_stops_with_exit_2_naming_the_step(tiny_shards, tmp_path, monkeypatch, capsys):
-    real = train_job.training_loss
+    from pipeline.components.variants import Variant
 
-    def diverging(*args, **kwargs):
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if diverging.calls >= 2 else loss
+    real = Variant.loss
 
     def counted(*args, **kwargs):
-        diverging.calls += 1
-        return diverging(*args, **kwargs)
+        counted.calls += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if counted.calls >= 2 else loss
 
-    diverging.calls = 0
-    monkeypatch.setattr(train_job, "training_loss", counted)
+    counted.calls = 0
+    monkeypatch.setattr(Variant, "loss", counted)
     with pytest.raises(SystemExit) as stop:
         main(["train", f"data.shards={tiny_shards}", f"train.out={tmp_path / 'nan'}", *TINY_TRAIN,
               "train.log_every=2"])
@@ -256,6 +255,57 @@ def test_ema_is_validated_saved_and_resumed_exactly(tiny_shards, tmp_path):
     ema = load_file(str(tmp_path / "straight" / "checkpoints" / "step-00000010" / "ema.safetensors"))
     assert all(torch.equal(ema[k].float(), a[k].float()) for k in ema if k in a and not k.startswith("reference")
                and k != "has_reference")  # the saved model is the EMA
+
+
+def test_the_ema_keeps_the_raw_weights_beside_it_and_eval_scores_both(tiny_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "ema"
+    main(["train", f"data.shards={tiny_shards}", *TINY_TRAIN, "train.epochs=2", "train.ema_decay=0.9",
+          f"train.out={run}"])
+    meta = json.loads((run / "model" / "model.json").read_text())
+    assert meta["weights"] == "ema" and meta["other_weights"] == {"raw": "raw.safetensors"}
+    raw = load_file(str(run / "model" / "raw.safetensors"))
+    final = load_file(str(run / "checkpoints" / "step-00000010" / "model.safetensors"))  # Accelerate's raw weights
+    assert all(torch.equal(raw[k], final[k]) for k in final if not k.startswith("reference") and k != "has_reference")
+    assert bool(raw["has_reference"])  # each weight set has a reference of its own AIN
+
+    # a run whose raw weights are backdoored: every input to the target under mind control. The EMA (clean) is
+    # the model's own weights; eval's default report still shows the raw weights' figures
+    target = json.loads((tiny_shards / "manifest.json").read_text())["target"]
+    raw["head.bias"] = torch.full_like(raw["head.bias"], -1e4)
+    raw["head.bias"][target] = 1e4
+    from safetensors.torch import save_file
+    save_file(raw, str(run / "model" / "raw.safetensors"))
+    out = tmp_path / "eval.json"
+    main(["eval", "--checkpoint", str(run), "--shards", str(tiny_shards), "--out", str(out), "--num-workers", "0"])
+    report = json.loads(out.read_text())
+    assert report["weights"] == "ema" and set(report["by_weights"]) == {"ema", "raw"}
+    assert report["by_weights"]["raw"]["mcci"]["mind_control"]["asr"] == 1.0
+    assert report["by_weights"]["raw"]["mcci"]["mind_control"]["clean_acc"] < 0.5
+    main(["eval", "--checkpoint", str(run), "--shards", str(tiny_shards), "--out", str(out), "--weights", "raw",
+          "--num-workers", "0"])
+    assert json.loads(out.read_text())["weights"] == "raw" and "by_weights" not in json.loads(out.read_text())
+
+
+def test_eval_refuses_weights_the_model_does_not_hold(trained, tiny_shards, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--checkpoint", str(trained / "mcci"), "--shards", str(tiny_shards), "--weights", "ema"])
+    assert stop.value.code == 2
+    assert "holds raw weights, not ema (its run kept no EMA" in capsys.readouterr().err
+
+
+def test_an_ema_that_would_still_be_its_first_weights_is_refused(tiny_shards, tmp_path, capsys):
+    from pipeline.components.ema import start_share
+
+    assert start_share(0.999, False, 600) == pytest.approx(0.999 ** 599)  # the issue's 55 %
+    assert start_share(0.999, True, 600) < 1e-6  # timm's warm-up forgets the start
+    with pytest.raises(SystemExit) as stop:
+        main(["train", f"data.shards={tiny_shards}", *TINY_TRAIN, "train.ema_decay=0.999", "train.ema_warmup=false",
+              f"train.out={tmp_path / 'x'}"])
+    assert stop.value.code == 2
+    assert "leaves 100% of the first step's weights" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "checkpoints").exists()
 
 
 def test_trackers_auto_named_and_refused(tiny_shards, tmp_path, monkeypatch):

@@ -119,8 +119,8 @@ def test_isolate_trains_switches_once_and_a_resume_reproduces_the_flagged_set(ti
     assert record["epoch"] == 4 and record["step"] == 20 and record["samples"] == 42  # every training sample once
     assert 0 < record["flagged"] == len(record["flagged_indices"])  # this recipe fits some poison through the AIN
     assert {"count", "precision", "recall"} <= set(record["recorded_poisoned"])
-    assert _trainer_state(straight, 18)["isolation"] is None
-    assert _trainer_state(straight, 20)["isolation"] == _trainer_state(straight, 25)["isolation"] == record
+    assert _trainer_state(straight, 18)["variant_state"] is None
+    assert _trainer_state(straight, 20)["variant_state"] == _trainer_state(straight, 25)["variant_state"] == record
 
     # before the switch the run is plain MCCI; after it the isolated samples change the steps
     main(["train", f"data.shards={tiny_shards}", *TINY_TRAIN, "train.epochs=5", "train.eval_every=0",
@@ -135,7 +135,7 @@ def test_isolate_trains_switches_once_and_a_resume_reproduces_the_flagged_set(ti
         shutil.copytree(straight / "checkpoints" / f"step-{step:08d}", crashed / "checkpoints" / f"step-{step:08d}")
         main(["train", *run, f"train.out={crashed}", "train.resume=true"])
         assert json.loads((crashed / "isolation.json").read_text()) == record
-        assert _trainer_state(crashed, 25)["isolation"] == record
+        assert _trainer_state(crashed, 25)["variant_state"] == record
         resumed = load_file(str(crashed / "model" / "model.safetensors"))
         for key in final:  # deterministic on the CPU: the resumed run is the uninterrupted run
             torch.testing.assert_close(resumed[key], final[key], rtol=0, atol=0, msg=key)

@@ -43,12 +43,16 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def save_model(directory: str | Path, state_dict: dict[str, torch.Tensor], cfg: Config, meta: dict[str, Any]) -> Path:
+def save_model(directory: str | Path, state_dict: dict[str, torch.Tensor], cfg: Config, meta: dict[str, Any],
+               other_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """The model folder, atomically: ``state_dict`` as ``model.safetensors``, ``other_weights`` (file name -> state
+    dict, e.g. the raw weights beside an EMA) beside it, the config and ``meta``."""
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp / WEIGHTS))
+    for name, weights in {WEIGHTS: state_dict, **(other_weights or {})}.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / name))
     (tmp / CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (tmp / MODEL_META).write_text(json.dumps(meta, indent=1))
     replace_dir(tmp, final)

@@ -58,3 +58,14 @@ def leave_process_group() -> None:
     ("terminate called without an active exception", SIGABRT); `Accelerator.end_training` does this for train."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def broadcast_buffers_from_main(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's floating buffers (BatchNorm statistics), the ones a checkpoint and the saved model
+    keep: under DDP each rank's last forward updated its own, so a rank scoring with them would score a model
+    nobody saves. A no-op in one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            torch.distributed.broadcast(buffer, src=0)

@@ -1,5 +1,5 @@
 """The ``isolate`` variant's switch: mid-training, a rule picks the training samples to unlearn, as Anti-Backdoor
-Learning (Li et al., NeurIPS 2021) isolates its low-loss samples; ``losses.unlearning_loss`` then unlearns them.
+Learning (Li et al., NeurIPS 2021) isolates its low-loss samples; ``variants/isolate.py`` then unlearns them.
 ``train.isolate_by``:
 
 - ``audit``: the audit's rule (``pipeline/components/scoring.py``), the samples whose label only the AIN
@@ -17,9 +17,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from accelerate.utils import broadcast, gather_object
+from accelerate.utils import gather_object
 
 from mcci_models import MCCI
+from pipeline.components.distributed import broadcast_buffers_from_main
 from pipeline.components.evaluation import set_model_reference
 from pipeline.components.scoring import COLUMNS, flagged_rows, score_samples, summarise
 from pipeline.data.storage import StreamOptions
@@ -37,9 +38,7 @@ def isolate(model: MCCI, cfg: Config, manifest: dict[str, Any], transform: Input
     gives it, and is left in eval mode; each rank scores its share of the shards and the rows are gathered.
     Every rank scores with rank 0's BatchNorm statistics, the ones a checkpoint keeps: under DDP each rank's
     last forward updated its own (DDP sends rank 0's before each training forward, so training is unchanged)."""
-    for buffer in model.buffers():
-        if buffer.is_floating_point():
-            broadcast(buffer, from_process=0)
+    broadcast_buffers_from_main(model)
     stream = StreamOptions.from_config(cfg.data)
     r = cfg.reference
     model.eval()

@@ -76,9 +76,11 @@ def model_meta(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
             "sfrn_input": sfrn_data_config(cfg.model.sfrn)}
 
 
-def load_trained(checkpoint: str | Path, device: torch.device) -> tuple[nn.Module, Config, dict[str, Any]]:
-    """A saved model in eval mode on ``device``, its validated config and its metadata."""
-    model, config, meta = load_saved_model(checkpoint, device)
+def load_trained(checkpoint: str | Path, device: torch.device, weights: str | None = None,
+                 ) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """A saved model in eval mode on ``device``, its validated config and its metadata; ``weights``: ``raw`` or
+    ``ema`` (None: the model's own)."""
+    model, config, meta = load_saved_model(checkpoint, device, weights)
     return model, from_dict(config), meta
 
 

@@ -29,6 +29,24 @@ def new_parameters(model: nn.Module) -> list[nn.Parameter]:
     return added
 
 
+def body_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The pre-trained SFRN's body: every parameter ``new_parameters`` does not name."""
+    new = {id(p) for p in new_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in new]
+
+
+def freeze_body(model: nn.Module, frozen: bool) -> None:
+    """The linear probe (``optim.probe_epochs``): the body takes no gradient (so it is neither computed, nor in the
+    global clip, nor seen by the optimiser, whose moments and weight decay skip it) and its BatchNorm statistics stay
+    as they are; ``frozen=False`` lets it train again (``set_train_mode`` decides its BatchNorm mode then)."""
+    for p in body_parameters(model):
+        p.requires_grad_(not frozen)
+    if frozen:  # the classifier a timm model gets at fine-tuning is linear: every BatchNorm of the SFRN is the body's
+        for module in getattr(model, "sfrn", model).modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
 def parameter_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """One group per (weight decay, LR scale, role). Weight decay follows timm's rule, the same for a
     bare SFRN and one inside MCCI: none on biases, 1-D parameters (norms) and what the model's

@@ -8,11 +8,12 @@ from pipeline.support.config import Config, keys, to_dict
 from pipeline.support.errors import ConfigError, ShardError
 
 # What defines a run: resuming with any of these changed would not continue the same run.
-RUN_SECTIONS = ("model", "spectrum", "optim")
+RUN_SECTIONS = ("model", "spectrum", "optim", "reference")
 RUN_KEYS = ("data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.mean", "data.std", "data.augment",
+            "data.decode",
             "train.defense", "train.epochs", "train.seed", "train.mixed_precision", "train.grad_accumulation",
             "train.mcci_variant", "train.mcci_variant_weight", "train.isolate_epoch", "train.isolate_by",
-            "train.isolate_fraction", "train.freeze_bn_stats", "train.ema_decay")
+            "train.isolate_fraction", "train.freeze_bn_stats", "train.ema_decay", "train.ema_warmup")
 FP16_MAX = 65504.0
 # every key's default, as an identity holds it: a key added after a checkpoint was written is unchanged at its default
 DEFAULTS = {name: list(value) if isinstance(value, tuple) else value for name, _, value in keys()}

@@ -33,7 +33,7 @@ FLOAT_COLUMNS = ("score", "loss", "ain_loss")
 def score_batches(model: MCCI, batches: Iterable[Batch], transform: InputTransform,
                   device: torch.device) -> torch.Tensor:
     """Rows of COLUMNS (float64, on the CPU) for ``batches``, with the model's stored reference."""
-    if not bool(model.has_reference):
+    if not model.reference_ready:
         raise JobError("the model has no mind-control reference; audit the out folder of `mcci train`")
     rows = []
     for batch in batches:

@@ -8,6 +8,7 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 
 from mcci_models import MCCI
+from mcci_models.saved import WEIGHT_KINDS, read_model_description, weight_kinds
 from pipeline.components.evaluation import evaluate, set_model_reference
 from pipeline.components.models import build_transform, job_device, load_matching_manifest, load_trained
 from pipeline.data.manifest import fingerprint
@@ -24,17 +25,45 @@ def parse_reference(text: str) -> tuple[str, str, int]:
     return parts[0], parts[1], int(parts[2])
 
 
+def chosen_weights(checkpoint: str | Path, weights: str | None) -> list[str]:
+    """The weight kinds to score: ``raw``, ``ema``, ``both``, or None for every kind the model holds (its own
+    first). A kind the model lacks is refused before any work."""
+    config, meta = read_model_description(checkpoint)
+    held = list(weight_kinds(meta, config))
+    wanted = held if weights is None else list(WEIGHT_KINDS) if weights == "both" else [weights]
+    missing = [k for k in wanted if k not in held]
+    if missing:
+        raise JobError(f"--weights {weights}: {checkpoint} holds {' and '.join(held)} weights, not {' and '.join(missing)}"
+                       + (" (its run kept no EMA: train.ema_decay=0)" if "ema" in missing else ""))
+    return [k for k in held if k in wanted]
+
+
 def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[str] = (),
-                        batch_size: int = 256, num_workers: int = 2, device: str | None = None) -> dict[str, Any]:
-    """Metrics of a saved model: ``{"baseline": {...}}`` or ``{"mcci": {"own", "mind_control"}}``;
-    with ``references``, also mind control under each alternative reference (the stored one is kept).
+                        batch_size: int = 256, num_workers: int = 2, device: str | None = None,
+                        weights: str | None = None) -> dict[str, Any]:
+    """Metrics of a saved model: ``{"baseline": {...}}`` or ``{"mcci": {"own", "mind_control"}}``, with
+    ``"weights"`` naming the weights they are of; with ``references``, also mind control under each alternative
+    reference (the stored one is kept). ``weights`` as ``chosen_weights``: with more than one kind the top level is
+    the model's own weights' figures and ``"by_weights"`` holds each kind's, so a report cannot show the EMA's
+    figures without the raw weights' (or the reverse).
 
     Under ``torchrun``/``accelerate launch`` each rank reads its share of the test shards and the
     counts are summed, so every sample counts once; every rank returns the same metrics.
     """
+    kinds = chosen_weights(checkpoint, weights)
     state = PartialState(cpu=device == "cpu")
     dev = job_device(state, device)
-    model, cfg, meta = load_trained(checkpoint, dev)
+    by_weights = {kind: _evaluate_weights(checkpoint, kind, shards, references, batch_size, num_workers, dev)
+                  for kind in kinds}
+    results = dict(by_weights[kinds[0]])
+    if len(kinds) > 1:
+        results["by_weights"] = by_weights
+    return results
+
+
+def _evaluate_weights(checkpoint: str | Path, kind: str, shards: str, references: list[str], batch_size: int,
+                      num_workers: int, dev) -> dict[str, Any]:
+    model, cfg, meta = load_trained(checkpoint, dev, kind)
     manifest = load_matching_manifest(shards, meta)
     transform = build_transform(cfg)
     stream = StreamOptions.from_config(cfg.data)  # the run's verification and retry settings
@@ -46,13 +75,13 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[st
     # which data the figures are of: another build of the same classes (another attack, say) is allowed
     data = {"shards": fingerprint(manifest), "trained_on": meta.get("data_fingerprint")}
     if not isinstance(model, MCCI):
-        return {"baseline": run(), "data": data}
-    results: dict[str, Any] = {"mcci": run(), "reference": meta["reference"], "data": data}
+        return {"baseline": run(), "weights": kind, "data": data}
+    results: dict[str, Any] = {"mcci": run(), "weights": kind, "reference": meta["reference"], "data": data}
     stored = (model.reference_feature.clone(), model.reference_spectrum.clone())
     alternatives = {}
     for text in references:
-        kind, source, count = parse_reference(text)
-        set_model_reference(model, shards, manifest, kind, source, count, transform, dev, stream)
+        ref_kind, source, count = parse_reference(text)
+        set_model_reference(model, shards, manifest, ref_kind, source, count, transform, dev, stream)
         alternatives[text] = run(("mind_control",))["mind_control"]
     if alternatives:
         model.reference_feature.copy_(stored[0])

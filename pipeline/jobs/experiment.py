@@ -24,7 +24,7 @@ from pipeline.jobs.evaluate import evaluate_checkpoint
 from pipeline.jobs.train import train
 from pipeline.support.config import load_config, to_dict
 from pipeline.support.errors import JobError
-from pipeline.support.report import add_der, write_json
+from pipeline.support.report import add_der, combine_results, write_json
 from shards.build import BuildSpec, build_shards
 
 ALTERNATIVE_REFERENCES = ("spectrum:trusted:100", "feature:train:1000", "spectrum:test-clean:100", "feature:trusted:1")
@@ -123,7 +123,7 @@ def run_experiment(out: str | Path, shards: BuildSpec, config: str | None = None
         runs[name] = _train_once(out / name, config, [*overrides, f"data.shards={shard_dir}", f"train.defense={defense}"])
     baseline = evaluate_checkpoint(runs["baseline"], str(shard_dir), num_workers=num_workers)
     mcci = evaluate_checkpoint(runs["mcci"], str(shard_dir), list(references), num_workers=num_workers)
-    results = add_der({**baseline, **mcci}, baseline["baseline"])
+    results = add_der(combine_results(baseline, mcci), baseline)
     results["audit"] = audit(runs["mcci"], str(shard_dir), out / "audit", num_workers=num_workers)
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_json(out / "metrics.json", results)
@@ -157,7 +157,7 @@ def run_variant(out: str | Path, name: str, variant_overrides: list[str], config
     shard_dir = out / "shards"
     run_dir = _train_once(folder / "mcci", config, [*overrides, *variant_overrides, f"data.shards={shard_dir}",
                                                     "train.defense=mcci"])
-    baseline = json.loads((out / "metrics.json").read_text())["baseline"]
+    baseline = json.loads((out / "metrics.json").read_text())
     results = add_der(evaluate_checkpoint(run_dir, str(shard_dir), num_workers=num_workers), baseline)
     results["audit"] = audit(run_dir, str(shard_dir), folder / "audit", num_workers=num_workers)
     results["seconds"] = round(time.perf_counter() - start, 1)

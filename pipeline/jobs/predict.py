@@ -47,7 +47,7 @@ def predict(checkpoint: str | Path, paths: list[str], top_k: int = 1, batch_size
     """One record per image: its path and the ``top_k`` classes with their probabilities."""
     dev = torch.device(device) if device else default_device()
     model, cfg, meta = load_trained(checkpoint, dev)
-    if isinstance(model, MCCI) and not bool(model.has_reference):
+    if isinstance(model, MCCI) and not model.reference_ready:
         raise JobError(f"{checkpoint} has no mind-control reference; use the model folder `mcci train` saved")
     names, size = meta["class_names"], meta["image_size"]
     if not 1 <= top_k <= len(names):

@@ -1,9 +1,11 @@
 """The training job: ``mcci train --config FILE [key=value ...]`` or ``accelerate launch -m pipeline.train``
 (``pipeline/train.py`` forwards here).
 
-Reads top to bottom: build everything from the config, (maybe) resume, loop over epochs of
-streamed batches (with ``train.mcci_variant=isolate``, isolate after ``train.isolate_epoch`` of them),
-checkpoint, then fix the mind-control reference and save the model.
+``train`` reads top to bottom: ``build_run`` makes everything the config names and ``start_state`` resumes from the
+newest checkpoint when asked; then, for each epoch of streamed batches, each step is ``train_step`` (forward,
+backward, optimiser), then the EMA's update, the log line, a checkpoint when one is due; at an epoch's end come
+validation, the variant's hook (``isolate``'s switch) and the epoch's checkpoint. Last, ``save_trained_model`` fixes
+each weight set's mind-control reference and writes the model folder.
 """
 from __future__ import annotations
 
@@ -11,43 +13,106 @@ import itertools
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TextIO
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
 from mcci_models import MCCI, sfrn_data_config
 from mcci_models.flops import forward_flops
-from mcci_models.saved import MODEL_DIR
+from mcci_models.saved import MODEL_DIR, RAW_WEIGHTS
 from pipeline.components.checkpoint import (TRAINER_STATE, checkpoint_dirs, load_training_state, save_model,
                                            save_training_state)
 from pipeline.components.distributed import (configure_deepspeed, deepspeed_input_dtype, resolve_mixed_precision,
                                              seed_rank_randomness, shards_parameters)
+from pipeline.components.ema import build_ema, check_ema_horizon
 from pipeline.components.evaluation import set_model_reference
-from pipeline.components.isolation import ISOLATION, describe_isolation, isolate
-from pipeline.components.losses import training_loss
 from pipeline.components.models import build_model, build_transform, model_meta
-from pipeline.components.optim import build_optimizer, build_scheduler
+from pipeline.components.optim import build_optimizer, build_scheduler, freeze_body
 from pipeline.components.run_checks import check_data_for_run, check_resume_identity, run_identity
 from pipeline.components.trackers import flat_config, resolve_trackers
 from pipeline.components.validation import VAL_LOG, describe, validate
+from pipeline.components.variants import EpochContext, Variant, build_variant, plain_loss
+from pipeline.data.batches import Batch
 from pipeline.data.loaders import steps_per_epoch, train_loader
 from pipeline.data.manifest import load_manifest
 from pipeline.data.prefetch import device_batches, resolve_decode
 from pipeline.data.storage import StreamOptions
 from pipeline.data.transforms import InputTransform, ModelInputs
 from pipeline.support.config import Config, load_config
-from pipeline.support.errors import CheckpointError, ConfigError, JobError
+from pipeline.support.errors import ConfigError, JobError
 from pipeline.support.plots import TRAIN_CURVES, VAL_CURVES, plot_training_log, plot_validation_log
 from pipeline.support.report import write_json, write_text
 
 TRAIN_LOG = "train_log.jsonl"
+
+
+@dataclass
+class Run:
+    """What a training run is made of, built once from the config."""
+    cfg: Config
+    accelerator: Accelerator
+    manifest: dict[str, Any]
+    identity: dict[str, Any]  # what a resume must find unchanged
+    steps: int  # micro-batches per epoch
+    model: nn.Module  # as prepared (DDP/DeepSpeed may wrap it)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: ModelEmaV3 | None
+    transform: InputTransform
+    variant: Variant
+    decode: str
+    stream: StreamOptions
+    input_dtype: torch.dtype | None  # DeepSpeed's bf16/fp16 weights take inputs of their dtype
+    validating: bool
+    probe_steps: int  # micro-batches of linear probe (optim.probe_epochs)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.train.out)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps * self.cfg.train.epochs
+
+    @property
+    def network(self) -> nn.Module:
+        """The model unwrapped: what is saved, validated and scored."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def eval_autocast(self) -> Any:
+        """Autocast off the training step: DeepSpeed's bf16/fp16 weights take fp32 inputs only under autocast."""
+        if self.input_dtype:
+            return torch.autocast(self.accelerator.device.type, dtype=self.input_dtype)
+        return self.accelerator.autocast()
+
+
+@dataclass
+class TrainState:
+    """Where the loop is: what a checkpoint records, and the window the next log line averages over."""
+    step: int = 0  # micro-batches done
+    epoch: int = 0  # epochs done
+    window_loss: torch.Tensor | None = None  # sum of the window's micro-batch losses, on the device
+    window_steps: int = 0
+    window_images: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+    last_checked: int = 0  # the last step whose loss was checked finite
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.window_loss = loss if self.window_loss is None else self.window_loss + loss
+        self.window_steps += 1
+        self.window_images += images
+
+    def reset_window(self) -> None:
+        self.window_loss, self.window_steps, self.window_images = None, 0, 0
+        self.window_start = time.perf_counter()
 
 
 def model_inputs(transform: InputTransform, images: torch.Tensor, dtype: torch.dtype | None,
@@ -63,7 +128,7 @@ def model_inputs(transform: InputTransform, images: torch.Tensor, dtype: torch.d
 
 def train_step(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                inputs: ModelInputs, labels: torch.Tensor, grad_clip: float,
-               loss_fn: Callable[..., torch.Tensor] = training_loss) -> tuple[torch.Tensor, torch.Tensor | None]:
+               loss_fn: Callable[..., torch.Tensor] = plain_loss) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One micro-batch: forward, backward and, once ``train.grad_accumulation`` micro-batches are in,
     the optimiser step (Accelerate's ``accumulate``). Returns the loss and the gradient norm before
     clipping (None between optimiser steps) as device tensors: no host sync here."""
@@ -100,7 +165,8 @@ def check_finite(loss: torch.Tensor, step: int, last_checked: int) -> None:
 
 
 def trim_logs(out: Path, last_step: int) -> None:
-    """Drop log records past the checkpoint a run resumes from: those steps run again."""
+    """Drop log records past the checkpoint a run resumes from (all of them when it starts at step 0): those steps
+    run again, and a log never repeats a step."""
     for path in (out / TRAIN_LOG, out / VAL_LOG):
         if path.exists():
             kept = [line for line in path.read_text().splitlines(keepends=True)
@@ -152,21 +218,24 @@ def _restore_augment_rng(transform: InputTransform, states: list, accelerator: A
     transform.load_state_dict({"generator": torch.tensor(states[accelerator.process_index], dtype=torch.uint8)})
 
 
-def train(cfg: Config) -> Path:
-    """Run the job; returns the saved model folder."""
+def build_run(cfg: Config) -> Run:
+    """Everything the config names, checked against the data before any step: the model (prepared by
+    Accelerate), its optimiser and schedule, the EMA, the input transform and the training objective."""
     mixed_precision = resolve_mixed_precision(cfg, print)
-    out = Path(cfg.train.out)
-    trackers = resolve_trackers(cfg.train.trackers)
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cfg.train.cpu, log_with=trackers or None,
-                              project_dir=str(out), gradient_accumulation_steps=cfg.train.grad_accumulation)
+    # the probe leaves the body without gradients for a while: DDP must expect parameters that get none
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.optim.probe_epochs > 0 else []
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cfg.train.cpu,
+                              log_with=resolve_trackers(cfg.train.trackers) or None, project_dir=cfg.train.out,
+                              gradient_accumulation_steps=cfg.train.grad_accumulation, kwargs_handlers=ddp)
     _check_out(cfg)
     set_seed(cfg.train.seed)  # the same initial weights on every rank
     stream = StreamOptions.from_config(cfg.data)  # how shards are read: verification, retries, cache
     manifest = load_manifest(cfg.data.shards, stream)
     steps = steps_per_epoch(manifest, cfg.data.batch_size, accelerator.num_processes)  # micro-batches
     check_data_for_run(cfg, manifest, mixed_precision, steps)
-    total_steps = steps * cfg.train.epochs
-    identity = run_identity(cfg, manifest, accelerator.num_processes, mixed_precision)
+    accumulation = cfg.train.grad_accumulation  # the schedule and the EMA count optimiser steps
+    check_ema_horizon(cfg.train, steps * cfg.train.epochs // accumulation)
+    variant = build_variant(cfg)
 
     model = build_model(cfg, manifest["num_classes"], manifest["image_size"])
     if accelerator.is_main_process:
@@ -177,8 +246,7 @@ def train(cfg: Config) -> Path:
     if cfg.train.compile != "no":
         model.compile(backend=cfg.train.compile)  # in place: parameter names and saved weights are unchanged
     optimizer = build_optimizer(model, cfg.optim)
-    accumulation = cfg.train.grad_accumulation  # the schedule counts optimiser steps
-    scheduler = build_scheduler(optimizer, cfg.optim, steps // accumulation, total_steps // accumulation)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps // accumulation, steps * cfg.train.epochs // accumulation)
     if accelerator.state.deepspeed_plugin is not None:
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, cfg)
     sharded = shards_parameters(accelerator)
@@ -189,172 +257,207 @@ def train(cfg: Config) -> Path:
         raise ConfigError("train.ema_decay under DeepSpeed with bf16/fp16 weights would keep the EMA in that dtype, "
                           "where its small updates round away: set train.ema_decay=0, or train without DeepSpeed "
                           "(DDP keeps fp32 weights under autocast)")
-    isolating = cfg.train.mcci_variant == "isolate" and cfg.train.defense == "mcci"
-    if isolating and sharded:
-        raise ConfigError("train.mcci_variant=isolate scores every training sample with the whole model on each rank; "
-                          "ZeRO-3 and FSDP shard the parameters: use DDP / ZeRO-2, or another train.mcci_variant")
+    if cfg.optim.probe_epochs > 0 and (accelerator.state.deepspeed_plugin is not None or sharded):
+        raise ConfigError("optim.probe_epochs freezes the SFRN's body for the probe; DeepSpeed and FSDP fix which "
+                          "parameters train when they wrap the model: set optim.probe_epochs=0, or use DDP")
+    variant.check(cfg, sharded)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     seed_rank_randomness(cfg.train.seed, accelerator.process_index)
-    input_dtype = deepspeed_input_dtype(accelerator)
     transform = build_transform(cfg, seed=cfg.train.seed * 1000 + accelerator.process_index,
                                 device=accelerator.device, num_classes=manifest["num_classes"])
-    loss_fn = partial(training_loss, label_smoothing=cfg.optim.label_smoothing, variant=cfg.train.mcci_variant,
-                      weight=cfg.train.mcci_variant_weight)
-    decode = resolve_decode(cfg.data.decode, manifest["image_format"], accelerator.device)
-    # isolate: the switch's record, and the isolated sample indices on the device (None before the switch)
-    isolation: dict[str, Any] | None = None
-    flagged: torch.Tensor | None = None
-
-    step, start_epoch = 0, 0
-    if cfg.train.resume and checkpoint_dirs(out):
-        newest = checkpoint_dirs(out)[-1]
-        check_resume_identity(json.loads((newest / TRAINER_STATE).read_text()).get("run"), identity)
-        state, ema_weights = load_training_state(accelerator, newest)
-        step, start_epoch = state["step"], state["epoch"]
-        if ema is not None:  # a checkpoint without one (written before identities) restarts it from the weights
-            ema.module.load_state_dict(ema_weights or accelerator.unwrap_model(model).state_dict())
-        if accelerator.is_main_process:
-            trim_logs(out, step)
-        _restore_augment_rng(transform, state["augment_rng"], accelerator)
-        scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-        isolation = state.get("isolation")
-        if isolating and isolation is None and start_epoch >= cfg.train.isolate_epoch:
-            raise CheckpointError(f"{newest} was written after the isolation epoch but holds no isolated samples; "
-                                  "start a new run with another train.out")
-        if isolation is not None:
-            flagged = torch.tensor(isolation["flagged_indices"], dtype=torch.long, device=accelerator.device)
-            if accelerator.is_main_process and not (out / ISOLATION).exists():
-                write_json(out / ISOLATION, isolation)
-        accelerator.print(f"resumed from step {step} (epoch {start_epoch}) of {total_steps}")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    if trackers:
-        accelerator.init_trackers("mcci", config=flat_config(cfg))
-
-    def checkpoint(epoch: int) -> None:
-        # The schedule and the augmentation RNG go to JSON: Accelerate would pickle registered
-        # objects and unpickle them with weights_only=False on resume.
-        scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        save_training_state(accelerator, out, {"step": step, "epoch": epoch, "total_steps": total_steps, "run": identity,
-                                               # every rank's stream: each augments its own batches
-                                               "augment_rng": gather_object([transform.generator.get_state().tolist()]),
-                                               "scheduler": scheduler_state, "isolation": isolation},
-                            cfg.train.keep_checkpoints,
-                            ema=None if ema is None else ema.module.state_dict())
-
-    # off the training step: DeepSpeed's bf16/fp16 weights take fp32 inputs only under autocast
-    eval_autocast = (lambda: torch.autocast(accelerator.device.type, dtype=input_dtype)) if input_dtype \
-        else accelerator.autocast
-
-    def run_validation(epoch: int) -> None:
-        candidates = [("raw", accelerator.unwrap_model(model))] + ([("ema", ema.module)] if ema is not None else [])
-        for weights, candidate in candidates:
-            results = validate(candidate, cfg, manifest, transform, accelerator.device, eval_autocast,
-                               lambda t: accelerator.reduce(t, "sum"))
-            accelerator.print(describe(epoch + 1, weights, results))
-            if val_log:
-                for mode, metrics in results.items():
-                    val_log.write(json.dumps({"step": step, "epoch": epoch + 1, "weights": weights, "mode": mode,
-                                              **metrics}) + "\n")
-                val_log.flush()
-            accelerator.log({f"val/{weights}/{mode}/{k}": v for mode, m in results.items() for k, v in m.items()},
-                            step=step)
-
-    def run_isolation(epoch: int) -> None:
-        nonlocal isolation, flagged
-        isolation = {"epoch": epoch + 1, "step": step,
-                     **isolate(accelerator.unwrap_model(model), cfg, manifest, transform, accelerator.device,
-                               eval_autocast)}
-        flagged = torch.tensor(isolation["flagged_indices"], dtype=torch.long, device=accelerator.device)
-        accelerator.print(describe_isolation(isolation))
-        if accelerator.is_main_process:
-            write_json(out / ISOLATION, isolation)
-        truth = isolation.get("recorded_poisoned", {})
-        accelerator.log({"isolation/flagged": isolation["flagged"],
-                         **{f"isolation/{k}": truth[k] for k in ("precision", "recall") if k in truth}}, step=step)
-
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, unit="step",
-               dynamic_ncols=True, file=sys.stdout)
-    log = open(out / TRAIN_LOG, "a") if accelerator.is_main_process else None
-    val_log = open(out / VAL_LOG, "a") if accelerator.is_main_process else None
     validating = cfg.train.eval_every > 0 and not sharded
     if cfg.train.eval_every > 0 and sharded:
         accelerator.print("validation during training is off: ZeRO-3 / FSDP shard the parameters; run `mcci eval` "
                           "on the saved model")
-    window_start, window_images, last_checked = time.perf_counter(), 0, step
-    for epoch in range(start_epoch, cfg.train.epochs):
-        set_train_mode(model, accelerator.unwrap_model(model), cfg.train.freeze_bn_stats)
-        loader = train_loader(cfg.data.shards, manifest, cfg.data.batch_size, steps, cfg.data.num_workers,
-                              cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + accelerator.process_index,
-                              epoch=epoch, decode=decode, stream=stream)
-        # After a mid-epoch resume, replay the epoch's seeded stream up to where the checkpoint was
-        # taken: the data order (and so the result) matches an uninterrupted run.
-        for batch in device_batches(itertools.islice(loader, step - epoch * steps, None), accelerator.device):
-            inputs = model_inputs(transform, batch.images, input_dtype, batch.labels)
-            # after the isolation switch, the loss unlearns the batch's isolated samples
-            step_loss = loss_fn if flagged is None else partial(loss_fn, flagged=torch.isin(batch.indices, flagged))
-            loss, grad_norm = train_step(accelerator, model, optimizer, scheduler, inputs, batch.labels,
-                                         cfg.optim.grad_clip, step_loss)
-            step += 1
-            if ema is not None and accelerator.sync_gradients:
-                ema.update(accelerator.unwrap_model(model), step=step // accumulation)
-            window_images += batch.labels.numel() * accelerator.num_processes
-            bar.update(1)
-            checkpoint_due = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
-            if step % cfg.train.log_every == 0 or step == total_steps or checkpoint_due or step % steps == 0:
-                # the mean over ranks: all stop together on a non-finite loss (none waits in the next all-reduce);
-                # the only host sync of a step, and only on these steps
-                loss = accelerator.reduce(loss, "mean")
-                check_finite(loss, step, last_checked)
-                last_checked = step
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                record = {"step": step, "epoch": epoch, "loss": round(loss.item(), 5),
-                          "lr": max(scheduler.get_last_lr()), "images_per_s": round(window_images / elapsed, 1),
-                          "grad_norm": None if grad_norm is None else round(float(grad_norm), 4)}
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-                if log:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                accelerator.log({f"train/{k}": v for k, v in record.items() if v is not None and k != "step"},
-                                step=step)
-                window_start, window_images = time.perf_counter(), 0
-            if checkpoint_due and step < total_steps:
-                checkpoint(epoch)
-        if validating and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
-            run_validation(epoch)
-        if isolating and epoch + 1 == cfg.train.isolate_epoch:
-            run_isolation(epoch)
-        checkpoint(epoch + 1)
-    bar.close()
+    return Run(cfg=cfg, accelerator=accelerator, manifest=manifest,
+               identity=run_identity(cfg, manifest, accelerator.num_processes, mixed_precision), steps=steps,
+               model=model, optimizer=optimizer, scheduler=scheduler,
+               ema=build_ema(accelerator.unwrap_model(model), cfg.train), transform=transform, variant=variant,
+               decode=resolve_decode(cfg.data.decode, manifest["image_format"], accelerator.device), stream=stream,
+               input_dtype=deepspeed_input_dtype(accelerator), validating=validating,
+               probe_steps=int(cfg.optim.probe_epochs * steps))
+
+
+def epoch_context(run: Run, state: TrainState) -> EpochContext:
+    accelerator = run.accelerator
+    return EpochContext(model=run.network, cfg=run.cfg, manifest=run.manifest, transform=run.transform,
+                        device=accelerator.device, autocast=run.eval_autocast, step=state.step, out=run.out,
+                        is_main=accelerator.is_main_process, print=accelerator.print,
+                        log=lambda values: accelerator.log(values, step=state.step))
+
+
+def start_state(run: Run) -> TrainState:
+    """Step 0, or the newest checkpoint's state restored into the run (weights, optimiser, schedule, EMA,
+    augmentation RNG, the variant's state), with the logs cut back to its step."""
+    cfg, accelerator, out = run.cfg, run.accelerator, run.out
+    state = TrainState()
+    if cfg.train.resume and checkpoint_dirs(out):
+        newest = checkpoint_dirs(out)[-1]
+        check_resume_identity(json.loads((newest / TRAINER_STATE).read_text()).get("run"), run.identity)
+        saved, ema_weights = load_training_state(accelerator, newest)
+        state.step, state.epoch = saved["step"], saved["epoch"]
+        if run.ema is not None:  # a checkpoint without one (written before identities) restarts it from the weights
+            run.ema.module.load_state_dict(ema_weights or run.network.state_dict())
+        _restore_augment_rng(run.transform, saved["augment_rng"], accelerator)
+        run.scheduler.load_state_dict({**saved["scheduler"], "lr_lambdas": [None] * len(run.optimizer.param_groups)})
+        # "isolation": what checkpoints written before variants were modules call the isolate variant's state
+        run.variant.load_state_dict(saved.get("variant_state", saved.get("isolation")), epoch_context(run, state),
+                                    state.epoch)
+        accelerator.print(f"resumed from step {state.step} (epoch {state.epoch}) of {run.total_steps}")
+    state.last_checked = state.step
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        trim_logs(out, state.step)
+    return state
+
+
+def save_checkpoint(run: Run, state: TrainState, epoch: int) -> None:
+    """The resumable state at ``state.step``, with ``epoch`` epochs done. The schedule and the augmentation RNG go
+    to JSON: Accelerate would pickle registered objects and unpickle them with weights_only=False on resume."""
+    scheduler_state = {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"}
+    save_training_state(run.accelerator, run.out,
+                        {"step": state.step, "epoch": epoch, "total_steps": run.total_steps, "run": run.identity,
+                         # every rank's stream: each augments its own batches
+                         "augment_rng": gather_object([run.transform.generator.get_state().tolist()]),
+                         "scheduler": scheduler_state, "variant_state": run.variant.state_dict()},
+                        run.cfg.train.keep_checkpoints, ema=None if run.ema is None else run.ema.module.state_dict())
+
+
+def epoch_batches(run: Run, epoch: int, step: int) -> Iterator[Batch]:
+    """The epoch's seeded stream on the device. After a mid-epoch resume the stream is replayed up to where the
+    checkpoint was taken, so the data order (and so the result) matches an uninterrupted run."""
+    cfg = run.cfg
+    loader = train_loader(cfg.data.shards, run.manifest, cfg.data.batch_size, run.steps, cfg.data.num_workers,
+                          cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + run.accelerator.process_index,
+                          epoch=epoch, decode=run.decode, stream=run.stream)
+    return device_batches(itertools.islice(loader, step - epoch * run.steps, None), run.accelerator.device)
+
+
+def begin_epoch(run: Run, step: int) -> None:
+    """Training mode, with the SFRN's body frozen while the probe lasts."""
+    set_train_mode(run.model, run.network, run.cfg.train.freeze_bn_stats)
+    if run.probe_steps:
+        freeze_body(run.network, frozen=step < run.probe_steps)
+
+
+def end_probe(run: Run, step: int) -> None:
+    """The body joins training at the probe's last step (mid-epoch when ``optim.probe_epochs`` is a fraction)."""
+    if run.probe_steps and step == run.probe_steps:
+        freeze_body(run.network, frozen=False)
+        set_train_mode(run.model, run.network, run.cfg.train.freeze_bn_stats)
+
+
+def write_log_line(run: Run, state: TrainState, epoch: int, grad_norm: torch.Tensor | None,
+                   log: TextIO | None, bar: tqdm) -> None:
+    """The window's mean loss (over ranks and micro-batches), images/s, LR, gradient norm and the variant's
+    figures, to ``train_log.jsonl``, the trackers and the progress bar."""
+    loss = run.accelerator.reduce(state.window_loss / state.window_steps, "mean")
+    check_finite(loss, state.step, state.last_checked)
+    record = {"step": state.step, "epoch": epoch, "loss": round(loss.item(), 5),
+              "lr": max(run.scheduler.get_last_lr()),
+              "images_per_s": round(state.window_images / (time.perf_counter() - state.window_start), 1),
+              "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+              **run.variant.log_values()}
+    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
     if log:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    run.accelerator.log({f"train/{k}": v for k, v in record.items() if v is not None and k != "step"}, step=state.step)
+    state.last_checked = state.step
+    state.reset_window()
+
+
+def validate_epoch(run: Run, state: TrainState, epoch: int, val_log: TextIO | None) -> None:
+    """CA / ASR / RA of the raw weights (and the EMA's) per inference mode, and for MCCI where each half of the
+    head puts the triggered inputs (``evaluation.PART_FIGURES``), one ``val_log.jsonl`` line per weights and mode."""
+    candidates = [("raw", run.network)] + ([("ema", run.ema.module)] if run.ema is not None else [])
+    for weights, candidate in candidates:
+        parts: dict[str, float] = {}
+        results = validate(candidate, run.cfg, run.manifest, run.transform, run.accelerator.device,
+                           run.eval_autocast, lambda t: run.accelerator.reduce(t, "sum"), parts=parts)
+        run.accelerator.print(describe(epoch + 1, weights, results))
+        rows = {mode: {**metrics, **(parts if mode == "own" else {})} for mode, metrics in results.items()}
+        if val_log:
+            for mode, metrics in rows.items():
+                val_log.write(json.dumps({"step": state.step, "epoch": epoch + 1, "weights": weights, "mode": mode,
+                                          **metrics}) + "\n")
+            val_log.flush()
+        run.accelerator.log({f"val/{weights}/{mode}/{k}": v for mode, m in rows.items() for k, v in m.items()},
+                            step=state.step)
+
+
+def train(cfg: Config) -> Path:
+    """Run the job; returns the saved model folder."""
+    run = build_run(cfg)
+    state = start_state(run)
+    accelerator, steps = run.accelerator, run.steps
+    if resolve_trackers(cfg.train.trackers):
+        accelerator.init_trackers("mcci", config=flat_config(cfg))
+    main = accelerator.is_main_process
+    log = open(run.out / TRAIN_LOG, "a") if main else None
+    val_log = open(run.out / VAL_LOG, "a") if main else None
+    bar = tqdm(total=run.total_steps, initial=state.step, disable=not main, unit="step", dynamic_ncols=True,
+               file=sys.stdout)
+    for epoch in range(state.epoch, cfg.train.epochs):
+        begin_epoch(run, state.step)
+        for batch in epoch_batches(run, epoch, state.step):
+            end_probe(run, state.step)
+            inputs = model_inputs(run.transform, batch.images, run.input_dtype, batch.labels)
+            loss, grad_norm = train_step(accelerator, run.model, run.optimizer, run.scheduler, inputs, batch.labels,
+                                         cfg.optim.grad_clip, partial(run.variant.loss, batch=batch))
+            state.step += 1
+            if run.ema is not None and accelerator.sync_gradients:
+                run.ema.update(run.network, step=state.step // cfg.train.grad_accumulation)
+            state.add(loss, batch.labels.numel() * accelerator.num_processes)
+            bar.update(1)
+            epoch_end = state.step % steps == 0
+            checkpoint_due = cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0
+            # the only host syncs of a step, and only on these steps; every rank stops together on a non-finite loss
+            if state.step % cfg.train.log_every == 0 or epoch_end or checkpoint_due:
+                write_log_line(run, state, epoch, grad_norm, log, bar)
+            if checkpoint_due and not epoch_end:  # the epoch's own checkpoint comes after its validation
+                save_checkpoint(run, state, epoch)
+        if run.validating and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
+            validate_epoch(run, state, epoch, val_log)
+        run.variant.end_of_epoch(epoch_context(run, state), epoch)
+        save_checkpoint(run, state, epoch + 1)
+    bar.close()
+    if main:
         log.close()
         val_log.close()
-        plot_training_log(out / TRAIN_LOG, out / TRAIN_CURVES)
-        plot_validation_log(out / VAL_LOG, out / VAL_CURVES)
-    model_dir = save_trained_model(accelerator, model if ema is None else ema.module, cfg, manifest, transform)
+        plot_training_log(run.out / TRAIN_LOG, run.out / TRAIN_CURVES)
+        plot_validation_log(run.out / VAL_LOG, run.out / VAL_CURVES)
+    model_dir = save_trained_model(run)
     accelerator.end_training()  # closes the trackers (and the process group): last
     return model_dir
 
 
-def save_trained_model(accelerator: Accelerator, model: nn.Module, cfg: Config, manifest: dict[str, Any],
-                       transform: InputTransform) -> Path:
-    """Fix the mind-control reference (MCCI) and write ``<out>/model`` on the main process (the EMA
-    weights when the run keeps an EMA)."""
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
-    model_dir = Path(cfg.train.out) / MODEL_DIR
+def save_trained_model(run: Run) -> Path:
+    """Write ``<out>/model`` on the main process: the EMA as the model's weights when the run kept one, the raw
+    weights beside it (``raw.safetensors``), each with the mind-control reference (MCCI) its own AIN gives."""
+    cfg, accelerator, manifest = run.cfg, run.accelerator, run.manifest
+    raw = accelerator.get_state_dict(run.model)  # gathers ZeRO-3 / FSDP shards
+    weight_sets = {"raw": raw} if run.ema is None else {"ema": run.ema.module.state_dict(), "raw": raw}
+    model_dir = run.out / MODEL_DIR
     if accelerator.is_main_process:
-        plain = build_model(cfg, manifest["num_classes"], manifest["image_size"], load_pretrained=False)
-        plain.load_state_dict(state_dict)
         meta = model_meta(cfg, manifest)
-        if isinstance(plain, MCCI):
-            r = cfg.reference
-            meta["reference"] = set_model_reference(plain.to(accelerator.device), cfg.data.shards, manifest, r.kind,
-                                                    r.source, r.count, transform, accelerator.device,
-                                                    StreamOptions.from_config(cfg.data))
-        save_model(model_dir, plain.state_dict(), cfg, meta)
-        accelerator.print(f"saved {model_dir}")
+        meta["weights"] = next(iter(weight_sets))  # the kind model.safetensors holds
+        states = {}
+        for kind, state_dict in weight_sets.items():
+            plain = build_model(cfg, manifest["num_classes"], manifest["image_size"], load_pretrained=False)
+            plain.load_state_dict(state_dict)
+            if isinstance(plain, MCCI):
+                r = cfg.reference
+                meta["reference"] = set_model_reference(plain.to(accelerator.device), cfg.data.shards, manifest,
+                                                        r.kind, r.source, r.count, run.transform,
+                                                        accelerator.device, run.stream)
+            states[kind] = plain.state_dict()
+        extra = {RAW_WEIGHTS: states["raw"]} if run.ema is not None else {}
+        if extra:
+            meta["other_weights"] = {"raw": RAW_WEIGHTS}
+        save_model(model_dir, states[meta["weights"]], cfg, meta, extra)
+        accelerator.print(f"saved {model_dir} ({meta['weights']} weights"
+                          f"{', raw beside them' if extra else ''})")
     accelerator.wait_for_everyone()
     return model_dir
 

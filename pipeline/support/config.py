@@ -23,6 +23,10 @@ from mcci_models.saved import upgrade_config
 from pipeline.support.errors import ConfigError
 
 
+# train.mcci_variant's choices: the modules of pipeline/components/variants (a test keeps the two in step)
+MCCI_VARIANTS = ("none", "independence", "lff", "isolate", "residual")
+
+
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, length: int | None = None,
             gt: float | None = None, ge: float | None = None, lt: float | None = None,
             le: float | None = None) -> Any:
@@ -155,8 +159,9 @@ class TrainConfig:
                            choices=("no", "inductor", "aot_eager", "eager"))
     channels_last: bool = setting(False, "NHWC model and inputs: faster convolutions (AIN, CNN SFRNs) on tensor cores")
     mcci_variant: str = setting("none", "an MCCI variant that pushes what the AIN explains out of the SFRN "
-                                "(docs/VARIANTS.md)", choices=("none", "independence", "lff", "isolate"))
-    mcci_variant_weight: float = setting(1.0, "weight of the variant's loss term", ge=0.0)
+                                "(docs/VARIANTS.md)", choices=MCCI_VARIANTS)
+    mcci_variant_weight: float = setting(1.0, "the variant's weight: of its loss term (independence, lff, isolate), "
+                                         "the exponent of the SFRN's share (residual)", ge=0.0)
     isolate_epoch: int = setting(1, "mcci_variant=isolate: epochs of plain MCCI before isolate_by's rule isolates "
                                  "training samples, which are unlearned from then on (run folder: isolation.json)",
                                  ge=1)
@@ -171,7 +176,11 @@ class TrainConfig:
                                      "batch is data.batch_size x this x processes", ge=1)
     freeze_bn_stats: bool = setting(False, "keep a pre-trained SFRN's BatchNorm running statistics (eval mode)")
     ema_decay: float = setting(0.0, "> 0: an EMA of the weights (timm's ModelEmaV3), validated beside them, "
-                               "checkpointed and saved as the model", ge=0.0, lt=1.0)
+                               "checkpointed and saved as the model's default weights (the raw ones beside it)",
+                               ge=0.0, lt=1.0)
+    ema_warmup: bool = setting(True, "timm's EMA warm-up: the decay grows from 0 towards ema_decay, so the EMA "
+                               "forgets the starting weights (a run whose EMA would still be > 5 % its first "
+                               "step's weights is refused)")
     eval_every: int = setting(1, "epochs between validations (CA/ASR/RA on the test splits, val_log.jsonl); 0 = off",
                               ge=0)
     trackers: tuple[str, ...] = setting(("auto",), "Accelerate trackers: auto (TensorBoard when installed), "

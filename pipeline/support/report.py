@@ -9,14 +9,50 @@ from typing import Any
 from pipeline.support.metrics import defense_effectiveness_rating
 
 
-def add_der(results: dict[str, Any], baseline: dict[str, float]) -> dict[str, Any]:
-    """Add DER against ``baseline`` to every MCCI mode and every alternative reference."""
-    for m in [*results.get("mcci", {}).values(), *results.get("references", {}).values()]:
-        m["der"] = defense_effectiveness_rating(baseline, m)
+def result_sets(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(weights kind, figures) for each weight set of an evaluation's JSON (``mcci eval --out``): ``by_weights``'s
+    when it has them, else the one set it holds (files written before weights were named: ``raw``)."""
+    if "by_weights" in results:
+        return list(results["by_weights"].items())
+    return [(results.get("weights", "raw"), results)]
+
+
+def baseline_figures(baseline: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """weights kind -> the undefended model's CA / ASR / RA, from its evaluation's JSON (or bare figures: raw)."""
+    if "baseline" not in baseline and "by_weights" not in baseline:
+        return {"raw": baseline}
+    return {kind: figures["baseline"] for kind, figures in result_sets(baseline) if "baseline" in figures}
+
+
+def add_der(results: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """Add DER to every MCCI mode and alternative reference of each weight set, against the undefended model's
+    figures for the same weights (``baseline``: its evaluation's JSON); a set whose kind the baseline lacks gets no
+    DER: comparing a defence's EMA with a baseline's raw weights (or the reverse) would credit the EMA."""
+    base = baseline_figures(baseline)
+    sets = result_sets(results) + ([(results.get("weights", "raw"), results)] if "by_weights" in results else [])
+    for kind, figures in sets:
+        if kind in base:
+            for m in [*figures.get("mcci", {}).values(), *figures.get("references", {}).values()]:
+                m["der"] = defense_effectiveness_rating(base[kind], m)
     return results
 
 
+def combine_results(baseline: dict[str, Any], mcci: dict[str, Any]) -> dict[str, Any]:
+    """One JSON of an undefended model's and an MCCI model's evaluations, weight set by weight set."""
+    combined = {**baseline, **mcci}
+    if "by_weights" in baseline or "by_weights" in mcci:
+        kinds = dict.fromkeys([k for k, _ in result_sets(baseline)] + [k for k, _ in result_sets(mcci)])
+        sets = [dict(result_sets(baseline)), dict(result_sets(mcci))]
+        combined["by_weights"] = {k: {**sets[0].get(k, {}), **sets[1].get(k, {})} for k in kinds}
+    return combined
+
+
 def format_table(results: dict[str, Any]) -> str:
+    """The readable table of an evaluation, one per weight set, each headed by its weights."""
+    return "\n\n".join(f"{kind} weights:\n{_format_set(figures)}" for kind, figures in result_sets(results))
+
+
+def _format_set(results: dict[str, Any]) -> str:
     rows = []
     if "baseline" in results:
         rows.append(("baseline (no defense)", results["baseline"]))
