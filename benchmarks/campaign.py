@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="change the plan, e.g. --set build.max_train=60 --set attacks.issba.params.steps=10 "
                              "(a trial at tiny scale of the plan a GPU window will run)")
     parser.add_argument("overrides", nargs="*", help="training overrides for every cell (e.g. train.cpu=true)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow options
     try:
         plan = set_keys(load_plan(args.plan), args.set)
     except (OSError, yaml.YAMLError, PlanError) as e:

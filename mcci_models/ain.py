@@ -3,6 +3,7 @@ sizes it to its SFRN."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mcci_models.flops import forward_flops
@@ -39,11 +40,16 @@ class AttackIndicationNetwork(nn.Module):
     layer to ``out_dim``. ``stem_stride`` > 1 puts a (2 * stride + 3)-wide strided convolution first
     (stride 4: AlexNet's 11x11, the reference above 64 px); 0 = the reference's choice for
     ``img_size``. An adaptive pool to 4x4 keeps the linear layer the same size at any resolution.
+
+    ``global_grid`` > 0 adds a linear read of the whole input averaged over a ``global_grid``-cell grid (a matched
+    filter): an image-wide trigger (a blended texture) shifts many spectrum coefficients a little each, which a
+    linear function of all of them separates at once and the convolutions, which see a neighbourhood at a time,
+    learn slowly; being linear in a coarse average it reads almost nothing of an image's class.
     """
 
     def __init__(self, img_size: int, in_chans: int = 3, out_dim: int = 100,
                  widths: tuple[int, ...] = REFERENCE_WIDTHS, dropouts: tuple[float, ...] = (0.2, 0.3, 0.4),
-                 stem_stride: int = 0):
+                 stem_stride: int = 0, global_grid: int = 0):
         super().__init__()
         if len(widths) != len(dropouts):
             raise ValueError("ain widths and dropouts must have the same length")
@@ -59,11 +65,16 @@ class AttackIndicationNetwork(nn.Module):
             c = w
         layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c * 16, out_dim)]
         self.net = nn.Sequential(*layers)
+        self.global_grid = global_grid
+        self.matched = nn.Linear(in_chans * global_grid * global_grid, out_dim) if global_grid else None
         self.img_size = img_size
         self.out_dim = out_dim
 
     def forward(self, spectra: torch.Tensor) -> torch.Tensor:
-        return self.net(spectra)
+        features = self.net(spectra)
+        if self.matched is not None:
+            features = features + self.matched(F.adaptive_avg_pool2d(spectra, self.global_grid).flatten(1))
+        return features
 
 
 def size_ain(budget_flops: float, img_size: int, in_chans: int, out_dim: int, widths: tuple[int, ...],

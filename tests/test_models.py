@@ -3,6 +3,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from conftest import TINY_TRAIN
 from mcci_models import MCCI, AttackIndicationNetwork, ModelError, create_model, create_sfrn
 from mcci_models.ain import size_ain
 from mcci_models.flops import forward_flops
@@ -161,3 +162,33 @@ def test_a_model_sized_by_budget_starts_from_the_weights_its_sizes_would_give_it
     given = build_model(load_config(None, [*common[:1], "model.ain_widths=[8,16,32]", "train.cpu=true"]), 10, 32)
     assert [m.out_channels for m in sized.ain.modules() if isinstance(m, torch.nn.Conv2d)][::2] == [8, 16, 32]
     assert all(torch.equal(a, b) for a, b in zip(sized.state_dict().values(), given.state_dict().values()))
+
+
+def test_the_ains_matched_filter_reads_a_faint_image_wide_pattern_that_no_neighbourhood_shows():
+    from mcci_models.ain import AttackIndicationNetwork
+
+    torch.manual_seed(0)
+    ain = AttackIndicationNetwork(32, out_dim=4, widths=(4, 4, 4), global_grid=8).eval()
+    spectra = torch.randn(64, 3, 32, 32)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(spectra, 8).flatten(1)
+    torch.testing.assert_close(ain(spectra), ain.net(spectra) + ain.matched(pooled))
+    # a pattern a fifth of the noise's scale in every coefficient (no coefficient alone tells it): the matched read
+    # separates every marked input from every clean one
+    pattern = 0.2 * torch.sign(torch.randn(1, 3, 8, 8)).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    with torch.no_grad():
+        ain.matched.weight.zero_()
+        ain.matched.weight[0] = torch.nn.functional.adaptive_avg_pool2d(pattern, 8).flatten()
+        ain.matched.bias.zero_()
+    read = lambda s: ain.matched(torch.nn.functional.adaptive_avg_pool2d(s, 8).flatten(1))[:, 0]  # noqa: E731
+    clean, marked = read(spectra), read(spectra + pattern)
+    assert marked.min() > clean.max()
+
+
+def test_a_model_with_the_matched_filter_saves_and_loads(tiny_shards, tmp_path):
+    from pipeline.cli import main
+    from pipeline.components.models import load_trained
+
+    main(["train", f"data.shards={tiny_shards}", f"train.out={tmp_path / 'g'}", *TINY_TRAIN, "model.ain_global_grid=4",
+          "train.eval_every=0"])
+    model, cfg, _ = load_trained(tmp_path / "g", torch.device("cpu"))
+    assert cfg.model.ain_global_grid == 4 and model.ain.matched.in_features == 3 * 4 * 4

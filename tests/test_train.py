@@ -308,6 +308,34 @@ def test_an_ema_that_would_still_be_its_first_weights_is_refused(tiny_shards, tm
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
+def test_the_ain_warms_up_alone_then_the_sfrn_joins(tiny_shards, tmp_path):
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file
+
+    from pipeline.components.models import build_model
+
+    run = tmp_path / "warm"
+    overrides = [f"data.shards={tiny_shards}", *TINY_TRAIN, "train.epochs=2", "optim.ain_warmup_epochs=1",
+                 "train.mcci_variant=residual", f"train.out={run}", "train.keep_checkpoints=0"]
+    main(["train", *overrides])
+    set_seed(0)
+    start = build_model(load_config(None, overrides), 3, 32).state_dict()
+    after_warmup = load_file(str(run / "checkpoints" / "step-00000005" / "model.safetensors"))
+    end = load_file(str(run / "checkpoints" / "step-00000010" / "model.safetensors"))
+    sfrn = [k for k in start if k.startswith("sfrn.") and start[k].is_floating_point()]
+    ain = [k for k in start if k.startswith("ain.") and "weight" in k]
+    assert sfrn and all(torch.equal(after_warmup[k], start[k]) for k in sfrn)  # the SFRN waited, BatchNorm too
+    assert all(not torch.equal(after_warmup[k], start[k]) for k in ain)  # the AIN learned alone
+    split = start["head.weight"].shape[1] // 2
+    shrink = after_warmup["head.weight"][0, 0] / start["head.weight"][0, 0]  # the SFRN's half: weight decay alone
+    torch.testing.assert_close(after_warmup["head.weight"][:, :split], start["head.weight"][:, :split] * shrink,
+                               rtol=1e-5, atol=0)
+    assert 0.99 < shrink < 1
+    assert any(not torch.equal(end[k], after_warmup[k]) for k in sfrn)  # then it joined
+    with pytest.raises(ConfigError, match="must be less than train.epochs"):
+        load_config(None, ["optim.ain_warmup_epochs=2", "train.epochs=2"])
+
+
 def test_trackers_auto_named_and_refused(tiny_shards, tmp_path, monkeypatch):
     from pipeline.components.trackers import resolve_trackers
 

@@ -35,6 +35,17 @@ def body_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in new]
 
 
+def freeze_sfrn(model: nn.Module, frozen: bool) -> None:
+    """The AIN's warm-up (``optim.ain_warmup_epochs``): MCCI's whole SFRN, its new classifier too, takes no gradient
+    and keeps its BatchNorm statistics; ``frozen=False`` gives its parameters their gradients back."""
+    for p in model.sfrn.parameters():
+        p.requires_grad_(not frozen)
+    if frozen:
+        for module in model.sfrn.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
 def freeze_body(model: nn.Module, frozen: bool) -> None:
     """The linear probe (``optim.probe_epochs``): the body takes no gradient (so it is neither computed, nor in the
     global clip, nor seen by the optimiser, whose moments and weight decay skip it) and its BatchNorm statistics stay
@@ -87,9 +98,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per step: linear warmup, then cosine to zero, a step decay at ``step_epochs``, or constant.
-    With ``probe_epochs``, the body's groups hold LR 0 for the probe and start their warmup after it."""
+    With ``probe_epochs`` (or ``ain_warmup_epochs``, the longer), the body's groups hold LR 0 while it waits and start
+    their warmup after."""
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    probe = int(cfg.probe_epochs * steps_per_epoch)
+    probe = int(max(cfg.probe_epochs, cfg.ain_warmup_epochs) * steps_per_epoch)
     milestones = [e * steps_per_epoch for e in cfg.step_epochs]
 
     def factor(step: int, start: int = 0) -> float:

@@ -35,11 +35,11 @@ from pipeline.components.distributed import (configure_deepspeed, deepspeed_inpu
 from pipeline.components.ema import build_ema, check_ema_horizon
 from pipeline.components.evaluation import set_model_reference
 from pipeline.components.models import build_model, build_transform, model_meta
-from pipeline.components.optim import build_optimizer, build_scheduler, freeze_body
+from pipeline.components.optim import build_optimizer, build_scheduler, freeze_body, freeze_sfrn
 from pipeline.components.run_checks import check_data_for_run, check_resume_identity, run_identity
 from pipeline.components.trackers import flat_config, resolve_trackers
 from pipeline.components.validation import VAL_LOG, describe, validate
-from pipeline.components.variants import EpochContext, Variant, build_variant, plain_loss
+from pipeline.components.variants import EpochContext, Variant, ain_warmup_loss, build_variant, plain_loss
 from pipeline.data.batches import Batch
 from pipeline.data.loaders import steps_per_epoch, train_loader
 from pipeline.data.manifest import load_manifest
@@ -73,6 +73,7 @@ class Run:
     input_dtype: torch.dtype | None  # DeepSpeed's bf16/fp16 weights take inputs of their dtype
     validating: bool
     probe_steps: int  # micro-batches of linear probe (optim.probe_epochs)
+    ain_warmup_steps: int  # micro-batches in which the AIN alone learns (optim.ain_warmup_epochs, MCCI)
 
     @property
     def out(self) -> Path:
@@ -222,8 +223,9 @@ def build_run(cfg: Config) -> Run:
     """Everything the config names, checked against the data before any step: the model (prepared by
     Accelerate), its optimiser and schedule, the EMA, the input transform and the training objective."""
     mixed_precision = resolve_mixed_precision(cfg, print)
-    # the probe leaves the body without gradients for a while: DDP must expect parameters that get none
-    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.optim.probe_epochs > 0 else []
+    # the probe and the AIN's warm-up leave parameters without gradients for a while: DDP must expect that
+    waiting = cfg.optim.probe_epochs > 0 or (cfg.optim.ain_warmup_epochs > 0 and cfg.train.defense == "mcci")
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if waiting else []
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cfg.train.cpu,
                               log_with=resolve_trackers(cfg.train.trackers) or None, project_dir=cfg.train.out,
                               gradient_accumulation_steps=cfg.train.grad_accumulation, kwargs_handlers=ddp)
@@ -257,9 +259,10 @@ def build_run(cfg: Config) -> Run:
         raise ConfigError("train.ema_decay under DeepSpeed with bf16/fp16 weights would keep the EMA in that dtype, "
                           "where its small updates round away: set train.ema_decay=0, or train without DeepSpeed "
                           "(DDP keeps fp32 weights under autocast)")
-    if cfg.optim.probe_epochs > 0 and (accelerator.state.deepspeed_plugin is not None or sharded):
-        raise ConfigError("optim.probe_epochs freezes the SFRN's body for the probe; DeepSpeed and FSDP fix which "
-                          "parameters train when they wrap the model: set optim.probe_epochs=0, or use DDP")
+    if waiting and (accelerator.state.deepspeed_plugin is not None or sharded):
+        raise ConfigError("optim.probe_epochs and optim.ain_warmup_epochs freeze part of the model for a while; "
+                          "DeepSpeed and FSDP fix which parameters train when they wrap the model: set both to 0, "
+                          "or use DDP")
     variant.check(cfg, sharded)
     model, optimizer = accelerator.prepare(model, optimizer)
     seed_rank_randomness(cfg.train.seed, accelerator.process_index)
@@ -275,7 +278,8 @@ def build_run(cfg: Config) -> Run:
                ema=build_ema(accelerator.unwrap_model(model), cfg.train), transform=transform, variant=variant,
                decode=resolve_decode(cfg.data.decode, manifest["image_format"], accelerator.device), stream=stream,
                input_dtype=deepspeed_input_dtype(accelerator), validating=validating,
-               probe_steps=int(cfg.optim.probe_epochs * steps))
+               probe_steps=int(cfg.optim.probe_epochs * steps),
+               ain_warmup_steps=int(cfg.optim.ain_warmup_epochs * steps) if cfg.train.defense == "mcci" else 0)
 
 
 def epoch_context(run: Run, state: TrainState) -> EpochContext:
@@ -333,18 +337,26 @@ def epoch_batches(run: Run, epoch: int, step: int) -> Iterator[Batch]:
     return device_batches(itertools.islice(loader, step - epoch * run.steps, None), run.accelerator.device)
 
 
-def begin_epoch(run: Run, step: int) -> None:
-    """Training mode, with the SFRN's body frozen while the probe lasts."""
+def set_phase(run: Run, step: int) -> None:
+    """Training mode for the phase ``step`` is in: while the AIN's warm-up lasts the whole SFRN waits, while the probe
+    lasts its body does (from any step: a resume too)."""
     set_train_mode(run.model, run.network, run.cfg.train.freeze_bn_stats)
     if run.probe_steps:
         freeze_body(run.network, frozen=step < run.probe_steps)
+    if run.ain_warmup_steps:
+        freeze_sfrn(run.network, frozen=step < run.ain_warmup_steps)
 
 
-def end_probe(run: Run, step: int) -> None:
-    """The body joins training at the probe's last step (mid-epoch when ``optim.probe_epochs`` is a fraction)."""
-    if run.probe_steps and step == run.probe_steps:
-        freeze_body(run.network, frozen=False)
-        set_train_mode(run.model, run.network, run.cfg.train.freeze_bn_stats)
+def phase_ends(run: Run, step: int) -> bool:
+    """Whether a phase ends at ``step`` (mid-epoch when its length in epochs is a fraction)."""
+    return step in (run.probe_steps, run.ain_warmup_steps) and step > 0
+
+
+def step_loss(run: Run, step: int, batch: Batch) -> Callable[..., torch.Tensor]:
+    """The loss of this step: the AIN's alone during its warm-up, then the variant's."""
+    if step < run.ain_warmup_steps:
+        return partial(ain_warmup_loss, label_smoothing=run.cfg.optim.label_smoothing)
+    return partial(run.variant.loss, batch=batch)
 
 
 def write_log_line(run: Run, state: TrainState, epoch: int, grad_norm: torch.Tensor | None,
@@ -399,12 +411,13 @@ def train(cfg: Config) -> Path:
     bar = tqdm(total=run.total_steps, initial=state.step, disable=not main, unit="step", dynamic_ncols=True,
                file=sys.stdout)
     for epoch in range(state.epoch, cfg.train.epochs):
-        begin_epoch(run, state.step)
+        set_phase(run, state.step)
         for batch in epoch_batches(run, epoch, state.step):
-            end_probe(run, state.step)
+            if phase_ends(run, state.step):
+                set_phase(run, state.step)
             inputs = model_inputs(run.transform, batch.images, run.input_dtype, batch.labels)
             loss, grad_norm = train_step(accelerator, run.model, run.optimizer, run.scheduler, inputs, batch.labels,
-                                         cfg.optim.grad_clip, partial(run.variant.loss, batch=batch))
+                                         cfg.optim.grad_clip, step_loss(run, state.step, batch))
             state.step += 1
             if run.ema is not None and accelerator.sync_gradients:
                 run.ema.update(run.network, step=state.step // cfg.train.grad_accumulation)

@@ -96,6 +96,10 @@ class ModelConfig:
     ain_budget: float = setting(0.0, "> 0: shrink the AIN (widths halved; above 64 px stem stride doubled) to at "
                                 "most this fraction of the SFRN's forward FLOPs; the sizes chosen replace ain_widths and "
                                 "ain_stem_stride in the saved config. 0: as the keys say", ge=0.0, lt=1.0)
+    ain_global_grid: int = setting(0, "> 0: the AIN also reads its whole input linearly, averaged over a grid of this "
+                                   "many cells a side (16: a matched filter that learns an image-wide blended "
+                                   "texture within an epoch, which the convolutions alone did not; docs/VARIANTS.md)",
+                                   ge=0)
     ain_view: str = setting("spectrum", "what the AIN sees: the image's spectrum; spectrum+lowpass: also the SFRN's "
                             "input low-passed (3 more channels), where smooth image-wide triggers live "
                             "(docs/VARIANTS.md)", choices=AIN_VIEWS)
@@ -129,6 +133,10 @@ class OptimConfig:
                                    "the fusion head", gt=0.0)
     probe_epochs: float = setting(0.0, "a linear probe first: only the new parameters learn; the body's warm-up "
                                   "starts after it", ge=0.0)
+    ain_warmup_epochs: float = setting(0.0, "MCCI: epochs at the start in which the AIN alone learns (with its half "
+                                       "of the head, on its own cross-entropy) while the whole SFRN waits: the "
+                                       "poison's cue goes to the AIN before the SFRN can take it (the body's LR "
+                                       "warm-up starts after)", ge=0.0)
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", ge=0.0, lt=1.0)
 
 
@@ -364,6 +372,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.isolate_epoch={cfg.train.isolate_epoch} must be less than train.epochs="
                               f"{cfg.train.epochs}: isolation comes after that many epochs and unlearning after it; "
                               "lower train.isolate_epoch or raise train.epochs")
+    if cfg.train.defense == "mcci" and cfg.optim.ain_warmup_epochs >= cfg.train.epochs:
+        raise ConfigError(f"optim.ain_warmup_epochs={cfg.optim.ain_warmup_epochs:g} must be less than train.epochs="
+                          f"{cfg.train.epochs}: the SFRN learns only after the AIN's warm-up")
     ratio = cfg.data.augment.ratio
     if len(ratio) != 2 or not ratio[0] <= ratio[1]:
         raise ConfigError(f"data.augment.ratio must be [low, high] with low <= high, got {list(ratio)}")

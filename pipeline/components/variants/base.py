@@ -103,6 +103,14 @@ class Variant:
         return {}
 
 
+def ain_warmup_loss(model: nn.Module, inputs: ModelInputs, labels: torch.Tensor,
+                    label_smoothing: float = 0.0) -> torch.Tensor:
+    """The AIN's warm-up (``optim.ain_warmup_epochs``), whatever the variant: the cross-entropy of the AIN's half of
+    the head alone (with the bias). Nothing else can fit the labels, so the AIN takes the poison's cue."""
+    parts = model(inputs.images, inputs.spectra, return_parts=True)
+    return F.cross_entropy(parts.ain_logits.float(), labels, label_smoothing=label_smoothing)
+
+
 def plain_loss(model: nn.Module, inputs: ModelInputs, labels: torch.Tensor) -> torch.Tensor:
     """Plain MCCI's objective (or the baseline's) with default settings: what a step trains on unless told."""
     return Variant(Config()).loss(model, inputs, labels)
