@@ -14,6 +14,7 @@ STEM_THRESHOLD = 64
 REFERENCE_WIDTHS = (32, 64, 128)
 MIN_WIDTH = 4
 MIN_STEM_OUTPUT = 8  # px after the stem: the three 2x pools still leave a map to pool from
+AIN_KINDS = ("conv", "matched", "conv+matched")
 
 
 def _block(c_in: int, c_out: int, dropout: float) -> nn.Sequential:
@@ -41,16 +42,20 @@ class AttackIndicationNetwork(nn.Module):
     (stride 4: AlexNet's 11x11, the reference above 64 px); 0 = the reference's choice for
     ``img_size``. An adaptive pool to 4x4 keeps the linear layer the same size at any resolution.
 
-    ``global_grid`` > 0 adds a linear read of the whole input averaged over a ``global_grid``-cell grid (a matched
-    filter): an image-wide trigger (a blended texture) shifts many spectrum coefficients a little each, which a
-    linear function of all of them separates at once and the convolutions, which see a neighbourhood at a time,
-    learn slowly; being linear in a coarse average it reads almost nothing of an image's class.
+    ``kind``: ``conv`` (the reference), ``matched`` or ``conv+matched``. The matched filter is a linear read of the
+    whole input averaged over a ``matched_grid``-cell grid: a trigger added to every image (a patch, a blended
+    texture) shifts many spectrum coefficients a little each, which a linear function of all of them separates at once
+    and the convolutions, which see a neighbourhood at a time, learn slowly; being linear in a coarse average it reads
+    almost nothing of an image's class, so it does not compete with the SFRN for the task. With ``conv+matched`` the
+    two outputs are summed.
     """
 
     def __init__(self, img_size: int, in_chans: int = 3, out_dim: int = 100,
                  widths: tuple[int, ...] = REFERENCE_WIDTHS, dropouts: tuple[float, ...] = (0.2, 0.3, 0.4),
-                 stem_stride: int = 0, global_grid: int = 0):
+                 stem_stride: int = 0, kind: str = "conv", matched_grid: int = 16):
         super().__init__()
+        if kind not in AIN_KINDS:
+            raise ValueError(f"unknown AIN kind {kind!r}; choose one of {AIN_KINDS}")
         if len(widths) != len(dropouts):
             raise ValueError("ain widths and dropouts must have the same length")
         stem_stride = stem_stride or default_stem_stride(img_size)
@@ -64,16 +69,18 @@ class AttackIndicationNetwork(nn.Module):
             layers.append(_block(c, w, p))
             c = w
         layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c * 16, out_dim)]
-        self.net = nn.Sequential(*layers)
-        self.global_grid = global_grid
-        self.matched = nn.Linear(in_chans * global_grid * global_grid, out_dim) if global_grid else None
+        self.net = nn.Sequential(*layers) if "conv" in kind else None
+        self.matched_grid = matched_grid
+        self.matched = nn.Linear(in_chans * matched_grid * matched_grid, out_dim) if "matched" in kind else None
         self.img_size = img_size
         self.out_dim = out_dim
 
     def forward(self, spectra: torch.Tensor) -> torch.Tensor:
-        features = self.net(spectra)
+        features = 0
+        if self.net is not None:
+            features = self.net(spectra)
         if self.matched is not None:
-            features = features + self.matched(F.adaptive_avg_pool2d(spectra, self.global_grid).flatten(1))
+            features = features + self.matched(F.adaptive_avg_pool2d(spectra, self.matched_grid).flatten(1))
         return features
 
 

@@ -28,7 +28,7 @@ def ain_in_chans(view: str, image_chans: int = 3) -> int:
 def create_model(defense: str, sfrn: str, num_classes: int, img_size: int, *, pretrained: str = "none",
                  feature_dim: int = 100, ain_widths: tuple[int, ...] = (32, 64, 128),
                  ain_dropouts: tuple[float, ...] = (0.2, 0.3, 0.4), ain_stem_stride: int = 0, in_chans: int = 3,
-                 ain_global_grid: int = 0, drop_path_rate: float = 0.0,
+                 ain_kind: str = "conv", ain_matched_grid: int = 16, drop_path_rate: float = 0.0,
                  log: Callable[[str], None] = print) -> nn.Module:
     """``defense="mcci"``: SFRN + AIN + fusion; ``"none"``: the SFRN alone with a K-way head.
     ``pretrained`` and ``log``: as in ``create_sfrn``."""
@@ -39,7 +39,7 @@ def create_model(defense: str, sfrn: str, num_classes: int, img_size: int, *, pr
     return MCCI(
         sfrn=create_sfrn(sfrn, feature_dim, img_size, pretrained, log, drop_path_rate),
         ain=AttackIndicationNetwork(img_size, in_chans, feature_dim, tuple(ain_widths), tuple(ain_dropouts),
-                                    ain_stem_stride, ain_global_grid),
+                                    ain_stem_stride, ain_kind, ain_matched_grid),
         num_classes=num_classes,
         feature_dim=feature_dim,
         spectrum_shape=(in_chans, img_size, img_size),

@@ -99,7 +99,7 @@ def create_model_from_config(config: Mapping[str, Any], num_classes: int, image_
                         ain_widths=tuple(m["ain_widths"]), ain_dropouts=tuple(m["ain_dropouts"]),
                         # absent in configs saved before these keys
                         ain_stem_stride=m.get("ain_stem_stride", 0), drop_path_rate=m.get("drop_path_rate", 0.0),
-                        ain_global_grid=m.get("ain_global_grid", 0),
+                        ain_kind=m.get("ain", "conv"), ain_matched_grid=m.get("ain_matched_grid", 16),
                         in_chans=ain_in_chans(m.get("ain_view", "spectrum")), log=log)
 
 

@@ -168,7 +168,7 @@ def test_the_ains_matched_filter_reads_a_faint_image_wide_pattern_that_no_neighb
     from mcci_models.ain import AttackIndicationNetwork
 
     torch.manual_seed(0)
-    ain = AttackIndicationNetwork(32, out_dim=4, widths=(4, 4, 4), global_grid=8).eval()
+    ain = AttackIndicationNetwork(32, out_dim=4, widths=(4, 4, 4), kind="conv+matched", matched_grid=8).eval()
     spectra = torch.randn(64, 3, 32, 32)
     pooled = torch.nn.functional.adaptive_avg_pool2d(spectra, 8).flatten(1)
     torch.testing.assert_close(ain(spectra), ain.net(spectra) + ain.matched(pooled))
@@ -184,11 +184,12 @@ def test_the_ains_matched_filter_reads_a_faint_image_wide_pattern_that_no_neighb
     assert marked.min() > clean.max()
 
 
-def test_a_model_with_the_matched_filter_saves_and_loads(tiny_shards, tmp_path):
+def test_a_model_whose_ain_is_the_matched_filter_alone_saves_and_loads(tiny_shards, tmp_path):
     from pipeline.cli import main
     from pipeline.components.models import load_trained
 
-    main(["train", f"data.shards={tiny_shards}", f"train.out={tmp_path / 'g'}", *TINY_TRAIN, "model.ain_global_grid=4",
-          "train.eval_every=0"])
+    main(["train", f"data.shards={tiny_shards}", f"train.out={tmp_path / 'g'}", *TINY_TRAIN, "model.ain=matched",
+          "model.ain_matched_grid=4", "train.eval_every=0"])
     model, cfg, _ = load_trained(tmp_path / "g", torch.device("cpu"))
-    assert cfg.model.ain_global_grid == 4 and model.ain.matched.in_features == 3 * 4 * 4
+    assert (cfg.model.ain, cfg.model.ain_matched_grid) == ("matched", 4)
+    assert model.ain.net is None and model.ain.matched.in_features == 3 * 4 * 4

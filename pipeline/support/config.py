@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from mcci_models.ain import AIN_KINDS
 from mcci_models.factory import AIN_VIEWS
 from mcci_models.saved import upgrade_config
 from pipeline.support.errors import ConfigError
@@ -96,10 +97,10 @@ class ModelConfig:
     ain_budget: float = setting(0.0, "> 0: shrink the AIN (widths halved; above 64 px stem stride doubled) to at "
                                 "most this fraction of the SFRN's forward FLOPs; the sizes chosen replace ain_widths and "
                                 "ain_stem_stride in the saved config. 0: as the keys say", ge=0.0, lt=1.0)
-    ain_global_grid: int = setting(0, "> 0: the AIN also reads its whole input linearly, averaged over a grid of this "
-                                   "many cells a side (16: a matched filter that learns an image-wide blended "
-                                   "texture within an epoch, which the convolutions alone did not; docs/VARIANTS.md)",
-                                   ge=0)
+    ain: str = setting("conv", "the AIN: conv, the reference CNN; matched, a linear read of its input averaged over "
+                       "an ain_matched_grid grid (a matched filter for triggers added to the image; it cannot read the "
+                       "image's class); conv+matched, both summed (docs/VARIANTS.md)", choices=AIN_KINDS)
+    ain_matched_grid: int = setting(16, "cells a side of the grid the matched AIN averages its input over", ge=1)
     ain_view: str = setting("spectrum", "what the AIN sees: the image's spectrum; spectrum+lowpass: also the SFRN's "
                             "input low-passed (3 more channels), where smooth image-wide triggers live "
                             "(docs/VARIANTS.md)", choices=AIN_VIEWS)
