@@ -119,7 +119,7 @@ def _eval(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
     from pipeline.data.manifest import fingerprint, load_manifest
-    from pipeline.jobs.evaluate import chosen_weights, evaluate_checkpoint
+    from pipeline.jobs.evaluate import check_baseline_shards, chosen_weights, evaluate_checkpoint
     from pipeline.support.report import add_der, baseline_figures, format_table, result_sets, write_json
 
     baseline = None
@@ -131,12 +131,8 @@ def _eval(args: argparse.Namespace) -> None:
                               "JSON `mcci eval --out` wrote for the undefended model")
     chosen_weights(args.checkpoint, args.weights)  # a kind the model lacks is refused before any work
     if baseline is not None:
-        scored_on = (baseline.get("data") or {}).get("shards")
-        here = fingerprint(load_manifest(args.shards))
-        if scored_on and scored_on != here:
-            raise ConfigError(f"--baseline-metrics {args.baseline_metrics} was evaluated on shards with data "
-                              f"fingerprint {scored_on}, {args.shards} has {here}: DER compares two models on the "
-                              "same test images; evaluate the undefended model on these shards")
+        check_baseline_shards(baseline, fingerprint(load_manifest(args.shards)),
+                              f"--baseline-metrics {args.baseline_metrics}", args.shards)
     results = evaluate_checkpoint(args.checkpoint, args.shards, args.reference, args.batch_size, args.num_workers,
                                   args.device, args.weights)
     if not PartialState().is_main_process:

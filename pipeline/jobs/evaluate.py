@@ -25,6 +25,17 @@ def parse_reference(text: str) -> tuple[str, str, int]:
     return parts[0], parts[1], int(parts[2])
 
 
+def check_baseline_shards(baseline: dict[str, Any], shards_fingerprint: str, baseline_name: str, shards: str,
+                          fix: str = "evaluate the undefended model on these shards") -> None:
+    """Refuse an undefended model's figures (its evaluation's JSON) scored on other shards than ``shards`` (data
+    fingerprint ``shards_fingerprint``), naming both: DER compares two models on the same test images. Figures that
+    record no fingerprint (written before evaluations did) are taken as they are."""
+    scored_on = (baseline.get("data") or {}).get("shards")
+    if scored_on and scored_on != shards_fingerprint:
+        raise JobError(f"{baseline_name} was evaluated on shards with data fingerprint {scored_on}, {shards} has "
+                       f"{shards_fingerprint}: DER compares two models on the same test images; {fix}")
+
+
 def chosen_weights(checkpoint: str | Path, weights: str | None) -> list[str]:
     """The weight kinds to score: ``raw``, ``ema``, ``both``, or None for every kind the model holds (its own
     first). A kind the model lacks is refused before any work."""
