@@ -63,6 +63,43 @@ def test_two_ranks_uneven_shards_train_and_eval_exactly(tiny_shards, tmp_path):
         assert r["score"] == pytest.approx(shared[index]["score"], abs=1e-4)
 
 
+# Each rank runs `mcci refit-head`; rank 0's fit starts only once every other rank has left the command. A rank
+# held until rank 0 is done (a barrier, under the process group's collective timeout, which a long fit can pass)
+# never leaves, and rank 0 gives up.
+_REFIT_ONCE_THE_OTHERS_HAVE_LEFT = """
+import sys, time
+from pathlib import Path
+from accelerate import PartialState
+import pipeline.jobs.refit_head as job
+from pipeline.cli import main
+
+marks, args = Path(sys.argv[1]), sys.argv[2:]
+state = PartialState(cpu=True)
+fit = job.fit_head
+
+def fit_when_alone(*a, **k):
+    deadline = time.monotonic() + 60
+    while not all((marks / f"left-{rank}").exists() for rank in range(1, state.num_processes)):
+        if time.monotonic() > deadline:
+            raise SystemExit("another rank is still inside refit-head, waiting for rank 0's fit")
+        time.sleep(0.05)
+    return fit(*a, **k)
+
+job.fit_head = fit_when_alone
+main(args)
+(marks / f"left-{state.process_index}").touch()
+"""
+
+
+def test_refit_head_under_torchrun_holds_no_rank_while_rank_0_fits(trained, tiny_shards, tmp_path):
+    out = tmp_path / "refit"
+    r = torchrun(2, "--no-python", sys.executable, "-c", _REFIT_ONCE_THE_OTHERS_HAVE_LEFT, str(tmp_path),
+                 "refit-head", "--checkpoint", str(trained / "mcci"), "--shards", str(tiny_shards), "--out", str(out),
+                 "--num-workers", "0", "--device", "cpu")
+    assert r.stdout.count("refitted the fusion head") == 1  # rank 0 alone did the work and said so
+    assert json.loads((out / "refit.json").read_text())["samples"] == 6 and (out / "model" / "model.safetensors").is_file()
+
+
 def _train_cmd(shards: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.train", f"data.shards={shards}", f"train.out={out}", *TINY_TRAIN,
             "model.sfrn=mcci_convnet_small", "train.epochs=6", "train.checkpoint_every=2", *extra]
