@@ -72,7 +72,7 @@ def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_deca
     manifest = load_matching_manifest(shards, meta)
     _check_trusted(manifest, shards)
     loader = eval_loader(shards, manifest, SPLIT, batch_size, num_workers, by_rank=False,
-                         stream=StreamOptions.from_config(cfg.data))
+                         stream=StreamOptions.for_scoring(cfg.data))  # every trusted image, or an error
     data = layer_inputs(model, loader, build_transform(cfg, spectra=False), dev)
     if max_images is not None and max_images < len(data["labels"]):
         # a seeded random subset: shards keep their source's order, which is by class for a folder tree
