@@ -28,7 +28,25 @@ def torchrun(n: int, *args: str, timeout: int = 240) -> subprocess.CompletedProc
     return result
 
 
-def test_two_ranks_uneven_shards_train_and_eval_exactly(tiny_shards, tmp_path):
+def _validated_like_eval(run: Path, shards: Path, evaluated: dict) -> None:
+    """The last validation of ``run`` (two ranks) is ``mcci eval`` of its saved model (``evaluated``, one process):
+    the same CA / ASR / RA, and the same margins of each half of the head (``evaluation.PART_FIGURES``), which move
+    with any difference in the BatchNorm statistics the two ranks score with."""
+    from pipeline.components.evaluation import PART_FIGURES, evaluate
+    from pipeline.components.models import build_transform, load_trained
+    from pipeline.data.manifest import load_manifest
+
+    records = [json.loads(line) for line in (run / "val_log.jsonl").read_text().splitlines()]
+    last = {r["mode"]: r for r in records if r["epoch"] == max(r["epoch"] for r in records) and r["weights"] == "raw"}
+    assert {mode: {k: last[mode][k] for k in ("clean_acc", "asr", "ra")} for mode in last} == evaluated["mcci"]
+    model, cfg, _ = load_trained(run, torch.device("cpu"))
+    parts: dict[str, float] = {}
+    evaluate(model, str(shards), load_manifest(str(shards)), build_transform(cfg), torch.device("cpu"), 16, 0,
+             parts=parts)
+    assert {k: last["own"][k] for k in PART_FIGURES} == pytest.approx(parts, abs=2e-4)
+
+
+def test_two_ranks_uneven_shards_train_validate_and_eval_exactly(tiny_shards, tmp_path):
     manifest = json.loads((tiny_shards / "manifest.json").read_text())
     assert len(manifest["splits"]["train"]["shards"]) % 2 == 1  # 5 shards over 2 ranks
     out = tmp_path / "run"
@@ -50,6 +68,7 @@ def test_two_ranks_uneven_shards_train_and_eval_exactly(tiny_shards, tmp_path):
     torchrun(2, "-m", "pipeline.cli", "eval", "--checkpoint", str(out), "--shards", str(tiny_shards), "--out", str(two),
              "--num-workers", "0", "--device", "cpu", "--batch-size", "5")
     assert json.loads(one.read_text())["mcci"] == json.loads(two.read_text())["mcci"]
+    _validated_like_eval(out, tiny_shards, json.loads(one.read_text()))  # validation with rank 0's buffers
 
     audit = ["-m", "pipeline.cli", "audit", "--checkpoint", str(out), "--shards", str(tiny_shards), "--num-workers", "0",
              "--device", "cpu", "--batch-size", "5", "--out"]

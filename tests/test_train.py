@@ -414,3 +414,51 @@ def test_drop_path_reaches_timms_blocks_and_is_refused_where_there_is_none():
     assert rates and max(rates) == pytest.approx(0.2)  # timm's linear rule: the last block drops most
     with pytest.raises(ModelError, match="no stochastic depth"):
         create_model("none", "mcci_convnet_tiny", 3, 32, drop_path_rate=0.1)
+
+
+def _steps_logged(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_run_that_died_before_its_first_checkpoint_logs_each_step_once_when_started_again(tiny_shards, tmp_path,
+                                                                                            monkeypatch):
+    from pipeline.components.variants import Variant
+
+    run = [f"data.shards={tiny_shards}", f"train.out={tmp_path / 'r'}", *TINY_TRAIN]  # one checkpoint: at step 5
+    real = Variant.loss
+
+    def dies_at_step_3(self, *args, **kwargs):
+        dies_at_step_3.calls += 1
+        if dies_at_step_3.calls == 3:
+            raise RuntimeError("killed")  # as a lost node: steps 1 and 2 are logged, no checkpoint written
+        return real(self, *args, **kwargs)
+
+    dies_at_step_3.calls = 0
+    monkeypatch.setattr(Variant, "loss", dies_at_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["train", *run])
+    assert _steps_logged(tmp_path / "r") == [1, 2] and not (tmp_path / "r" / "checkpoints").exists()
+    monkeypatch.setattr(Variant, "loss", real)
+    main(["train", *run, "train.resume=true"])  # nothing to resume: it starts again at step 0
+    assert _steps_logged(tmp_path / "r") == [1, 2, 3, 4, 5]
+
+
+def test_a_run_resumed_from_an_epoch_end_checkpoint_logs_each_epochs_validation_once(tiny_shards, tmp_path,
+                                                                                      monkeypatch):
+    run = [f"data.shards={tiny_shards}", f"train.out={tmp_path / 'r'}", *TINY_TRAIN, "train.epochs=3",
+           "train.checkpoint_every=5", "train.keep_checkpoints=10"]  # 5 steps an epoch: every epoch's end is due
+    real = train_job.save_training_state
+
+    def dies_saving_epoch_2(accelerator, out, state, *args, **kwargs):
+        if (state["step"], state["epoch"]) == (10, 2):  # killed while epoch 2's own checkpoint was being written
+            raise RuntimeError("killed")
+        return real(accelerator, out, state, *args, **kwargs)
+
+    monkeypatch.setattr(train_job, "save_training_state", dies_saving_epoch_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["train", *run])
+    monkeypatch.setattr(train_job, "save_training_state", real)
+    main(["train", *run, "train.resume=true"])
+    validated = [(r["epoch"], r["mode"]) for r in map(json.loads, (tmp_path / "r" / "val_log.jsonl").read_text().splitlines())]
+    assert validated == [(epoch, mode) for epoch in (1, 2, 3) for mode in ("own", "mind_control")]
+    assert _steps_logged(tmp_path / "r") == list(range(1, 16))
