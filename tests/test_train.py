@@ -58,13 +58,18 @@ def test_schedule_warms_up_per_step_then_ends_at_zero():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
-def test_a_bf16_training_step_runs_on_the_cpu(tiny_shards, tmp_path):
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_bf16_training_step_runs_on_the_cpu(trained, tiny_shards, tmp_path):
     # its own process: Accelerate's state (and so the precision) is fixed once per process
     subprocess.run([sys.executable, "-m", "pipeline.cli", "train", f"data.shards={tiny_shards}",
                     f"train.out={tmp_path / 'bf16'}", *TINY_TRAIN, "train.mixed_precision=bf16"],
                    check=True, capture_output=True, timeout=300)
-    log = [json.loads(line) for line in (tmp_path / "bf16" / "train_log.jsonl").read_text().splitlines()]
-    assert len(log) == 5 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    bf16, fp32 = _losses(tmp_path / "bf16"), _losses(trained / "mcci")  # the same run in fp32
+    # the same weights and batch at step 1, computed in bf16: close to the fp32 loss, and not it
+    assert len(bf16) == 5 and bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05)
 
 
 def test_deepspeed_config_gets_the_configured_clip_and_batch():
@@ -382,7 +387,7 @@ def test_frozen_bn_stats_reach_the_sfrn_inside_a_ddp_style_wrapper():
     assert all(t for n, t in norms.items() if n.startswith("ain."))  # the AIN's statistics still learn
 
 
-def test_mixup_mixes_pixels_before_the_spectrum_and_trains(tiny_shards, tmp_path):
+def test_mixup_mixes_pixels_before_the_spectrum_and_trains(trained, tiny_shards, tmp_path):
     """timm's Mixup in batch mode: image i becomes lam * x_i + (1 - lam) * x_(B-1-i), its label the same
     mix of one-hots (smoothed by label_smoothing), and the AIN's spectrum is that of the mixed pixels."""
     from pipeline.components.models import build_transform
@@ -403,7 +408,9 @@ def test_mixup_mixes_pixels_before_the_spectrum_and_trains(tiny_shards, tmp_path
     assert transform(pixels, train=False, labels=labels).targets is None  # evaluation never mixes
     main(["train", f"data.shards={tiny_shards}", f"train.out={tmp_path / 'mixed'}", *TINY_TRAIN,
           "data.augment.mixup_alpha=0.2", "data.augment.cutmix_alpha=1.0"])
-    assert (tmp_path / "mixed" / "model" / "model.safetensors").exists()
+    # the run of the same weights and batches without mixing: the first step's loss is already another
+    mixed, plain = _losses(tmp_path / "mixed"), _losses(trained / "mcci")
+    assert len(mixed) == 5 and mixed[0] != plain[0]
 
 
 def test_drop_path_reaches_timms_blocks_and_is_refused_where_there_is_none():
