@@ -108,8 +108,10 @@ def collected_rows(matrix: str | Path) -> list[dict[str, Any]]:
         trained: dict[str, dict[str, Path]] = {"mcci": {"mcci": folder / "mcci"}}
         for path in sorted((folder / "variants").glob("*/metrics.json"), key=lambda p: _run_order(p.parent.name)):
             trained.setdefault(run_group(path.parent.name), {})[path.parent.name] = path.parent / "mcci"
-        undefended = {"baseline": folder / "baseline",
-                      **{p.parent.name: p.parent / "baseline" for p in sorted((folder / BASELINES).glob("seed*/metrics.json"))}}
+        undefended = {"baseline": folder / "baseline"}  # baselines/seedN: named baseline-seedN, so its N is checked
+        for path in sorted((folder / BASELINES).glob("seed*/metrics.json"),
+                           key=lambda p: _run_order(f"baseline-{p.parent.name}")):
+            undefended[f"baseline-{path.parent.name}"] = path.parent / "baseline"
         for group, runs in [*trained.items(), ("the undefended model", undefended)]:
             check_seeds_of_one_model(folder, group, {name: saved_config(run) for name, run in runs.items()})
         groups = {group: [_seeded(run.parent / "metrics.json", run) for run in runs.values()]

@@ -141,3 +141,17 @@ def test_a_run_without_its_saved_config_cannot_be_averaged(tmp_path):
     _variant_config(matrix, "x-seed1").unlink()
     with pytest.raises(SystemExit, match="x-seed1/mcci/model/config.yaml is missing"):
         collected_rows(matrix)
+
+
+def test_an_undefended_seed_is_checked_like_the_defences(tmp_path):
+    matrix = tmp_path / "matrix"
+    _write_experiment(matrix / "badnets", "badnets", 1.0, 0.06, {"x-seed1": (0.6, 0.05)}, baselines={1: (0.6, 0.9)})
+    undefended = matrix / "badnets" / "baselines" / "seed1" / "baseline" / "model" / "config.yaml"
+    _edit(undefended, "train.seed", 2)
+    with pytest.raises(SystemExit, match="baseline-seed1 has train.seed=2; its name says another seed"):
+        collected_rows(matrix)
+    _edit(undefended, "train.seed", 1)
+    _edit(undefended, "optim.lr", 0.1)  # not the experiment's recipe: its figures would pair with a seed of another one
+    with pytest.raises(SystemExit, match=r"'the undefended model' \(baseline, baseline-seed1\) were trained with "
+                                         r"different settings \(optim.lr\)"):
+        collected_rows(matrix)

@@ -151,12 +151,12 @@ def _finished_experiment(out: Path, config: str | None, overrides: list[str]) ->
 
 def seed_baselines(out: str | Path) -> dict[int, dict[str, Any]]:
     """``train.seed`` -> the metrics of each undefended model ``run_baseline`` finished beside the experiment in
-    ``out`` (not the experiment's own)."""
+    ``out`` (not the experiment's own), by seed."""
     found = {}
     for path in sorted(Path(out, BASELINES).glob("seed*/metrics.json")):
         metrics = json.loads(path.read_text())
         found[metrics["seed"]] = metrics
-    return found
+    return dict(sorted(found.items()))
 
 
 def run_baseline(out: str | Path, seed: int, config: str | None = None, overrides: list[str] = (),
