@@ -14,10 +14,13 @@ Each attack gets a verdict: "attack failed on the baseline" when the undefended 
 ASR <= 0.10) or "not removed".
 
 Variants and seeds: ``--variant "NAME: OVERRIDE ..."`` (one argument, repeatable) adds an MCCI run per
-attack with those training overrides, on the same shards and against the same baseline
-(``<out>/<attack>/variants/NAME/``; they can be added to a finished matrix); ``--seeds 1,2`` trains MCCI
-and every variant again with each of those ``train.seed`` values, and the table gives mean ± standard
-deviation over the seeds:
+attack with those training overrides, on the same shards (``<out>/<attack>/variants/NAME/``; they can be added
+to a finished matrix); ``--seeds 1,2`` trains MCCI, every variant and the undefended model again with each of
+those ``train.seed`` values (the undefended ones in ``<out>/<attack>/baselines/seedN/``), and the table gives
+mean ± standard deviation over the seeds. Each seed is a seed once: ``--seeds`` may not repeat one, nor name the
+seed the runs without a suffix already have (the config's ``train.seed``, or the variant's own). Every run's DER
+is against the undefended model of its own seed, and the verdict reads the undefended models of the seeds it
+averages:
 
     python -m benchmarks.defense_matrix ... --variant "lowpass: model.ain_view=spectrum+lowpass" \\
         --variant "isolate: train.mcci_variant=isolate train.isolate_epoch=2" --seeds 1,2
@@ -31,8 +34,9 @@ from pathlib import Path
 import yaml
 
 from benchmarks.common import write_result
-from pipeline.jobs.experiment import run_experiment, run_variant
+from pipeline.jobs.experiment import run_experiment, run_variant, seed_baselines
 from pipeline.jobs.quickstart import QUICKSTART_OVERRIDES, QUICKSTART_SOURCE
+from pipeline.support.config import load_config
 from pipeline.support.plots import plot_defense_matrix
 from shards.attacks import ATTACKS
 from shards.build import MODES, BuildSpec
@@ -64,12 +68,38 @@ def seeded_runs(name: str, overrides: list[str], seeds: list[int]) -> list[tuple
     return [(name, overrides)] + [(f"{name}-seed{s}", [*overrides, f"train.seed={s}"]) for s in seeds]
 
 
+def check_seeds(seeds: list[int], own_seed: int, name: str) -> None:
+    """Refuse ``--seeds`` that would train one seed twice and count it as two: a repeated entry, or ``own_seed``,
+    the ``train.seed`` the run without a suffix (``name``) already has."""
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"--seeds repeats {', '.join(map(str, repeated))}; give each seed once")
+    if own_seed in seeds:
+        raise ValueError(f"--seeds {own_seed} is the train.seed {name} is trained with already (its run without a "
+                         f"-seedN suffix), so it would be one run counted as two seeds; leave {own_seed} out")
+
+
+def baselines(row: dict) -> dict[int, dict]:
+    """``train.seed`` -> the undefended model's figures: the experiment's own, then ``baseline_seeds``'."""
+    return {row["seed"]: row["baseline"], **{b["seed"]: b["baseline"] for b in row.get("baseline_seeds", [])}}
+
+
+def matched_baselines(row: dict, runs: list[dict] | None = None) -> list[dict]:
+    """The undefended figures of the seeds ``runs`` (default: the row's MCCI runs) were trained with, each once;
+    every seed of the attack's undefended model where none of those seeds has one (runs recorded before they had)."""
+    by_seed = baselines(row)
+    seeds = dict.fromkeys(m.get("seed") for m in runs or mcci_groups(row)[0][1])
+    return [by_seed[s] for s in seeds if s in by_seed] or list(by_seed.values())
+
+
 def verdict(row: dict, runs: list[dict] | None = None) -> str:
-    """What one attack's rows show: the attack failed on the baseline, or MCCI (mind control; with ``runs``,
-    their mean) removed the backdoor, or it did not."""
-    if row["baseline"]["asr"] < BASELINE_ASR_MIN:
+    """What one attack's rows show: the attack failed on the undefended model (its mean ASR over the seeds of the
+    runs judged), or MCCI (mind control; with ``runs``, their mean; by default MCCI's runs) removed the backdoor,
+    or it did not."""
+    runs = runs or mcci_groups(row)[0][1]
+    if statistics.fmean(b["asr"] for b in matched_baselines(row, runs)) < BASELINE_ASR_MIN:
         return ATTACK_FAILED
-    asr = statistics.fmean(m["mcci"]["mind_control"]["asr"] for m in runs or [row])
+    asr = statistics.fmean(m["mcci"]["mind_control"]["asr"] for m in runs)
     return "removed" if asr <= REMOVED_ASR_MAX else "not removed"
 
 
@@ -89,16 +119,19 @@ def cell(values: list[float], signed: bool = False) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown: the baseline, then own spectrum and mind control of MCCI and of each variant; over several
-    seeds, mean ± standard deviation. Where the attack failed on the baseline, the MCCI rows get no DER
-    (it would credit MCCI for a backdoor that was never there) and the verdict says so."""
+    seeds, mean ± standard deviation (each run's DER against the undefended model of its seed). Where the attack
+    failed on the baseline, the MCCI rows get no DER (it would credit MCCI for a backdoor that was never there) and
+    the verdict says so."""
     lines = ["| attack | rate | model | CA | ASR | RA | DER | audit AUROC | minutes | verdict |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         failed = verdict(r) == ATTACK_FAILED
-        b = r["baseline"]
+        b = list(baselines(r).values())
+        seeds = f" ({len(b)} seeds)" if len(b) > 1 else ""
         minutes = f"{r['seconds'] / 60:.1f}" if "seconds" in r else ""
-        lines.append(f"| {r['attack']} | {r['poison_rate']} | baseline | {b['clean_acc']:.3f} | {b['asr']:.3f} | "
-                     f"{b['ra']:.3f} |  |  | {minutes} | {ATTACK_FAILED if failed else ''} |")
+        lines.append(f"| {r['attack']} | {r['poison_rate']} | baseline{seeds} | "
+                     + " | ".join(cell([m[k] for m in b]) for k in ("clean_acc", "asr", "ra"))
+                     + f" |  |  | {minutes} | {ATTACK_FAILED if failed else ''} |")
         for label, runs in mcci_groups(r):
             seeds = f" ({len(runs)} seeds)" if len(runs) > 1 else ""
             aurocs = [m["audit"]["recorded_poisoned"]["auroc"] for m in runs
@@ -143,6 +176,11 @@ def main() -> None:
     if len(variants) < len(args.variant):
         parser.error("each --variant needs a name of its own")
     overrides = [*([] if args.config else QUICKSTART_OVERRIDES), f"train.epochs={args.epochs}", *args.overrides]
+    try:  # the seed each run without a suffix has: the config's, or a variant's own train.seed
+        for name, extra in [("mcci", []), *variants.items()]:
+            check_seeds(args.seeds, load_config(args.config, [*overrides, *extra]).train.seed, name)
+    except ValueError as e:
+        parser.error(str(e))
     attack_params = yaml.safe_load(open(args.attack_params)) if args.attack_params else {}
     for entry in args.attacks:  # all checked before hours of training, not when the loop reaches them
         attack, _, mode = entry.partition(":")
@@ -170,6 +208,7 @@ def main() -> None:
         row["mcci_seeds"] = [run_variant(folder, n, o, **extra) for n, o in seeded_runs("mcci", [], args.seeds)[1:]]
         row["variants"] = {name: [run_variant(folder, n, o, **extra) for n, o in seeded_runs(name, variant, args.seeds)]
                            for name, variant in variants.items()}
+        row["baseline_seeds"] = list(seed_baselines(folder).values())  # those the runs above trained or found
         row["verdict"] = verdict(row)
         rows.append(row)
     markdown = table(rows)

@@ -119,7 +119,7 @@ def _eval(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
     from pipeline.data.manifest import fingerprint, load_manifest
-    from pipeline.jobs.evaluate import chosen_weights, evaluate_checkpoint
+    from pipeline.jobs.evaluate import check_baseline_shards, chosen_weights, evaluate_checkpoint
     from pipeline.support.report import add_der, baseline_figures, format_table, result_sets, write_json
 
     baseline = None
@@ -131,14 +131,10 @@ def _eval(args: argparse.Namespace) -> None:
                               "JSON `mcci eval --out` wrote for the undefended model")
     chosen_weights(args.checkpoint, args.weights)  # a kind the model lacks is refused before any work
     if baseline is not None:
-        scored_on = (baseline.get("data") or {}).get("shards")
-        here = fingerprint(load_manifest(args.shards))
-        if scored_on and scored_on != here:
-            raise ConfigError(f"--baseline-metrics {args.baseline_metrics} was evaluated on shards with data "
-                              f"fingerprint {scored_on}, {args.shards} has {here}: DER compares two models on the "
-                              "same test images; evaluate the undefended model on these shards")
+        check_baseline_shards(baseline, fingerprint(load_manifest(args.shards)),
+                              f"--baseline-metrics {args.baseline_metrics}", args.shards)
     results = evaluate_checkpoint(args.checkpoint, args.shards, args.reference, args.batch_size, args.num_workers,
-                                  args.device, args.weights)
+                                  args.device, args.weights, args.skip_bad_shards)
     if not PartialState().is_main_process:
         return
     if baseline is not None:
@@ -149,6 +145,9 @@ def _eval(args: argparse.Namespace) -> None:
                   f"undefended model's {' and '.join(baseline_figures(baseline))} weights only (DER compares the "
                   "same kind of weights)")
     data = results["data"]
+    if data["skipped"]["shards"]:
+        print(f"warning: {data['skipped']['shards']} shard(s) skipped, {data['skipped']['samples']} samples not "
+              "scored (--skip-bad-shards); the figures are of the rest, and the JSON records the count")
     if data["trained_on"] and data["shards"] != data["trained_on"]:
         print(f"note: {args.shards} is another build (data fingerprint {data['shards']}) than the model was trained on "
               f"({data['trained_on']}), with the same classes")
@@ -277,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="metrics JSON to write")
     e.add_argument("--baseline-metrics", help="metrics JSON of the undefended model, for DER")
     e.add_argument("--reference", action="append", default=[], help=f"also evaluate mind control with {REFERENCE_HELP}")
+    e.add_argument("--skip-bad-shards", action="store_true",
+                   help="score the rest when a shard cannot be read, counting what was skipped in the JSON (default: "
+                        "stop; a training run's data.skip_bad_shards is not followed)")
     e.add_argument("--weights", choices=("raw", "ema", "both"), default=None,
                    help="which weights to score (default: every set the model holds, its own first: a run that kept "
                         "an EMA is scored on its raw weights too)")

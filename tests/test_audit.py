@@ -59,7 +59,18 @@ def test_cli_writes_every_training_sample_once_most_suspicious_first(trained, ti
         assert r["flagged"] == (r["own_pred"] == r["label"] and r["mind_control_pred"] != r["label"])
     summary = json.loads((tmp_path / "a" / "audit.json").read_text())
     assert summary["flagged"] == sum(r["flagged"] for r in lines)
-    assert 0.0 <= summary["recorded_poisoned"]["auroc"] <= 1.0
+    # the summary against the recorded poison, counted here from the samples it summarises
+    poisoned = [r for r in lines if r["poisoned"]]
+    clean = [r for r in lines if not r["poisoned"]]
+    caught = sum(r["flagged"] for r in poisoned)
+    ordered = sum((p["score"] > c["score"]) + 0.5 * (p["score"] == c["score"]) for p in poisoned for c in clean)
+    truth = summary["recorded_poisoned"]
+    assert (truth["count"], truth["flagged"]) == (len(poisoned), caught)
+    assert truth["recall"] == pytest.approx(caught / len(poisoned), abs=1e-4)
+    assert truth["precision"] == pytest.approx(caught / max(summary["flagged"], 1), abs=1e-4)
+    # scores are written to 5 decimals: a pair they tie that the full scores ordered moves the count by 1/2
+    assert truth["auroc"] == pytest.approx(ordered / (len(poisoned) * len(clean)), abs=1e-3)
+    assert abs(truth["auroc"] - 0.5) > 0.05  # far enough from chance that a reversed score would not pass
     assert (tmp_path / "a" / "scores.png").read_bytes()[:4] == b"\x89PNG"
 
 

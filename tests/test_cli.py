@@ -32,10 +32,31 @@ def test_train_writes_model_checkpoint_and_log(trained):
     assert state["step"] == 5 and state["epoch"] == 1
 
 
+def _two_faced_copy(run, to):
+    """A copy of an MCCI model whose predictions are known without running it: a head that reads the AIN's half only,
+    so that with its own spectrum (AIN features of ordinary size) every input goes to class 0, the target, and under
+    mind control (a reference feature of 1e5 in every column) every input goes to class 2."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run / "model", to)
+    weights = load_file(str(to / "model.safetensors"))
+    sfrn_width = weights["head.weight"].shape[1] - weights["reference_feature"].numel()
+    weights["head.weight"] = torch.zeros_like(weights["head.weight"])
+    weights["head.weight"][2, sfrn_width:] = 1e-3
+    weights["head.bias"] = torch.tensor([5.0, 0.0, 0.0])
+    weights["reference_feature"] = torch.full_like(weights["reference_feature"], 1e5)
+    save_file(weights, str(to / "model.safetensors"))
+    return to
+
+
 def test_eval_writes_metrics_json_with_der(trained, tiny_shards, tmp_path):
     main(["eval", "--checkpoint", str(trained / "baseline"), "--shards", str(tiny_shards), "--out",
           str(tmp_path / "b.json"), "--num-workers", "0", "--device", "cpu"])
-    main(["eval", "--checkpoint", str(trained / "mcci"), "--shards", str(tiny_shards), "--out", str(tmp_path / "m.json"),
+    model = _two_faced_copy(trained / "mcci", tmp_path / "model")
+    main(["eval", "--checkpoint", str(model), "--shards", str(tiny_shards), "--out", str(tmp_path / "m.json"),
           "--baseline-metrics", str(tmp_path / "b.json"), "--reference", "spectrum:test-clean:3", "--num-workers", "0",
           "--device", "cpu"])
     from pipeline.support.metrics import defense_effectiveness_rating
@@ -43,13 +64,13 @@ def test_eval_writes_metrics_json_with_der(trained, tiny_shards, tmp_path):
     baseline = json.loads((tmp_path / "b.json").read_text())["baseline"]
     assert set(baseline) == {"clean_acc", "asr", "ra"}
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert set(metrics["mcci"]) == {"own", "mind_control"}
-    # 12 clean test images; 8 triggered ones whose true label is not the target (3 classes x 4, target 0)
+    # 12 clean test images, 4 a class; 8 triggered ones whose true label is not the target (0), 4 of them of class 2.
+    # Own spectrum, all to class 0: 4 of 12 right, every triggered one to the target. Mind control, all to class 2:
+    # 4 of 12 right, none to the target, 4 of 8 to their true class.
+    assert {mode: {k: m[k] for k in ("clean_acc", "asr", "ra")} for mode, m in metrics["mcci"].items()} == {
+        "own": {"clean_acc": 4 / 12, "asr": 1.0, "ra": 0.0}, "mind_control": {"clean_acc": 4 / 12, "asr": 0.0, "ra": 0.5}}
     for mode in [*metrics["mcci"].values(), *metrics["references"].values()]:
         assert set(mode) == {"clean_acc", "asr", "ra", "der"}
-        assert (mode["clean_acc"] * 12) == pytest.approx(round(mode["clean_acc"] * 12))
-        assert (mode["asr"] * 8) == pytest.approx(round(mode["asr"] * 8))
-        assert mode["asr"] + mode["ra"] <= 1.0
         assert mode["der"] == pytest.approx(defense_effectiveness_rating(baseline, mode))
     assert set(metrics["references"]) == {"spectrum:test-clean:3"}
     assert metrics["reference"]["count"] == 4 and metrics["reference"]["source"] == "trusted"

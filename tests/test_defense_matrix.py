@@ -7,13 +7,14 @@ import pytest
 import yaml
 
 from benchmarks.defense_matrix import ATTACK_FAILED, main, parse_variant, table, verdict
+from pipeline.support.metrics import defense_effectiveness_rating
 from pipeline.support.plots import defense_matrix_figure
 
 from conftest import TINY_TRAIN, make_image_tree
 
 
 def _row(attack: str, baseline_asr: float, mind_control_asr: float) -> dict:
-    return {"attack": attack, "poison_rate": 0.1, "seconds": 60.0,
+    return {"attack": attack, "poison_rate": 0.1, "seconds": 60.0, "seed": 0,
             "baseline": {"clean_acc": 0.66, "asr": baseline_asr, "ra": 0.6},
             "mcci": {"own": {"clean_acc": 0.63, "asr": baseline_asr, "ra": 0.5, "der": 0.49},
                      "mind_control": {"clean_acc": 0.58, "asr": mind_control_asr, "ra": 0.56, "der": 0.93}},
@@ -41,16 +42,17 @@ def test_table_marks_a_failed_attack_and_gives_it_no_der():
     assert ftrojan[2][header.index("ASR")] == "0.050"  # the figures themselves are still shown
 
 
-def _mcci_run(ca: float, asr: float, auroc: float) -> dict:
-    return {"mcci": {"own": {"clean_acc": ca, "asr": 0.9, "ra": 0.1, "der": 0.5},
+def _mcci_run(ca: float, asr: float, auroc: float, seed: int = 0) -> dict:
+    return {"seed": seed, "mcci": {"own": {"clean_acc": ca, "asr": 0.9, "ra": 0.1, "der": 0.5},
                      "mind_control": {"clean_acc": ca, "asr": asr, "ra": 0.5, "der": 0.9}},
             "audit": {"recorded_poisoned": {"auroc": auroc}}}
 
 
 def test_variants_and_seeds_get_their_own_rows_with_mean_and_spread_and_a_verdict_from_the_mean():
     row = _row("sig", 0.99, 0.98)  # MCCI did not remove it; a variant's seeds did, on average
-    row["mcci_seeds"] = [_mcci_run(0.60, 0.96, 0.3)]
-    row["variants"] = {"lowpass": [_mcci_run(0.50, 0.02, 0.9), _mcci_run(0.60, 0.04, 0.8), _mcci_run(0.70, 0.15, 0.7)]}
+    row["mcci_seeds"] = [_mcci_run(0.60, 0.96, 0.3, seed=1)]
+    row["variants"] = {"lowpass": [_mcci_run(0.50, 0.02, 0.9), _mcci_run(0.60, 0.04, 0.8, seed=1),
+                                   _mcci_run(0.70, 0.15, 0.7, seed=2)]}
     lines = table([row]).splitlines()[2:]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     assert [c[2] for c in cells] == ["baseline", "MCCI own spectrum (2 seeds)", "MCCI mind control (2 seeds)",
@@ -58,6 +60,33 @@ def test_variants_and_seeds_get_their_own_rows_with_mean_and_spread_and_a_verdic
     assert cells[2][4] == "0.970 ± 0.014" and cells[2][9] == "not removed"  # mean of 0.98 and 0.96
     assert cells[4][3] == "0.600 ± 0.100" and cells[4][4] == "0.070 ± 0.070" and cells[4][7] == "0.800 ± 0.100"
     assert cells[4][9] == "removed" and verdict(row) == "not removed"  # the attack's verdict stays MCCI's
+
+
+def test_the_verdict_and_the_baseline_row_read_the_undefended_model_of_every_seed_averaged():
+    # the attack landed on seed 0's undefended model only: over the three seeds MCCI is averaged on, it failed
+    row = _row("wanet", 0.90, 0.02)
+    row["baseline_seeds"] = [{"seed": 1, "baseline": {"clean_acc": 0.60, "asr": 0.10, "ra": 0.8}},
+                             {"seed": 2, "baseline": {"clean_acc": 0.62, "asr": 0.05, "ra": 0.9}}]
+    row["mcci_seeds"] = [_mcci_run(0.6, 0.01, 0.9, seed=1), _mcci_run(0.6, 0.03, 0.9, seed=2)]
+    assert verdict(row) == ATTACK_FAILED  # mean undefended ASR 0.35
+    assert verdict(row, [row]) == "removed"  # seed 0's MCCI run alone against seed 0's undefended model (0.90)
+    lines = table([row]).splitlines()[2:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells[0][2:6] == ["baseline (3 seeds)", "0.627 ± 0.031", "0.350 ± 0.477", "0.767 ± 0.153"]
+    assert cells[0][9] == cells[2][9] == ATTACK_FAILED and cells[2][6] == ""  # no DER credited
+
+
+@pytest.mark.parametrize("seeds, message", [("0,1", "--seeds 0 is the train.seed mcci is trained with already"),
+                                            ("1,2,1", "--seeds repeats 1"),
+                                            ("3", "--seeds 3 is the train.seed iso3 is trained with already")])
+def test_a_seed_is_refused_that_would_be_counted_twice(tmp_path, monkeypatch, capsys, seeds, message):
+    out = tmp_path / "matrix"
+    monkeypatch.setattr(sys, "argv", ["defense_matrix", "--source", str(tmp_path / "none"), "--out", str(out),
+                                      "--attacks", "badnets", "--variant", "iso3: train.seed=3", "--seeds", seeds])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_the_matrix_figure_draws_a_bar_per_variant():
@@ -100,8 +129,18 @@ def test_the_matrix_trains_each_variant_and_seed_beside_mcci_and_tables_them(tmp
         saved = yaml.safe_load((runs / name / "mcci" / "model" / "config.yaml").read_text())
         assert (saved["model"]["ain_widths"], saved["train"]["seed"]) == (widths, seed)
         assert saved["data"]["augment"] == row_config(out)["data"]["augment"]  # the matrix's own overrides kept
+    # the undefended model is trained again with seed 1, and every seed-1 run's DER is against it
+    undefended = out / "badnets" / "baselines" / "seed1"
+    saved = yaml.safe_load((undefended / "baseline" / "model" / "config.yaml").read_text())
+    assert (saved["train"]["seed"], saved["train"]["defense"]) == (1, "none")
+    seed1 = json.loads((undefended / "metrics.json").read_text())
+    assert row["baseline_seeds"] == [seed1] and seed1["seed"] == 1 and row["seed"] == 0
+    for run, baseline in ((row["mcci_seeds"][0], seed1), (row["variants"]["narrow"][1], seed1),
+                          (row["variants"]["narrow"][0], row)):
+        for mode in ("own", "mind_control"):
+            assert run["mcci"][mode]["der"] == defense_effectiveness_rating(baseline["baseline"], run["mcci"][mode])
     labels = [line.split("|")[3].strip() for line in (out / "defense_matrix.md").read_text().splitlines()[2:]]
-    assert labels == ["baseline", "MCCI own spectrum (2 seeds)", "MCCI mind control (2 seeds)",
+    assert labels == ["baseline (2 seeds)", "MCCI own spectrum (2 seeds)", "MCCI mind control (2 seeds)",
                       "MCCI narrow own spectrum (2 seeds)", "MCCI narrow mind control (2 seeds)"]
 
 

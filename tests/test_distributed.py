@@ -28,7 +28,25 @@ def torchrun(n: int, *args: str, timeout: int = 240) -> subprocess.CompletedProc
     return result
 
 
-def test_two_ranks_uneven_shards_train_and_eval_exactly(tiny_shards, tmp_path):
+def _validated_like_eval(run: Path, shards: Path, evaluated: dict) -> None:
+    """The last validation of ``run`` (two ranks) is ``mcci eval`` of its saved model (``evaluated``, one process):
+    the same CA / ASR / RA, and the same margins of each half of the head (``evaluation.PART_FIGURES``), which move
+    with any difference in the BatchNorm statistics the two ranks score with."""
+    from pipeline.components.evaluation import PART_FIGURES, evaluate
+    from pipeline.components.models import build_transform, load_trained
+    from pipeline.data.manifest import load_manifest
+
+    records = [json.loads(line) for line in (run / "val_log.jsonl").read_text().splitlines()]
+    last = {r["mode"]: r for r in records if r["epoch"] == max(r["epoch"] for r in records) and r["weights"] == "raw"}
+    assert {mode: {k: last[mode][k] for k in ("clean_acc", "asr", "ra")} for mode in last} == evaluated["mcci"]
+    model, cfg, _ = load_trained(run, torch.device("cpu"))
+    parts: dict[str, float] = {}
+    evaluate(model, str(shards), load_manifest(str(shards)), build_transform(cfg), torch.device("cpu"), 16, 0,
+             parts=parts)
+    assert {k: last["own"][k] for k in PART_FIGURES} == pytest.approx(parts, abs=2e-4)
+
+
+def test_two_ranks_uneven_shards_train_validate_and_eval_exactly(tiny_shards, tmp_path):
     manifest = json.loads((tiny_shards / "manifest.json").read_text())
     assert len(manifest["splits"]["train"]["shards"]) % 2 == 1  # 5 shards over 2 ranks
     out = tmp_path / "run"
@@ -50,6 +68,7 @@ def test_two_ranks_uneven_shards_train_and_eval_exactly(tiny_shards, tmp_path):
     torchrun(2, "-m", "pipeline.cli", "eval", "--checkpoint", str(out), "--shards", str(tiny_shards), "--out", str(two),
              "--num-workers", "0", "--device", "cpu", "--batch-size", "5")
     assert json.loads(one.read_text())["mcci"] == json.loads(two.read_text())["mcci"]
+    _validated_like_eval(out, tiny_shards, json.loads(one.read_text()))  # validation with rank 0's buffers
 
     audit = ["-m", "pipeline.cli", "audit", "--checkpoint", str(out), "--shards", str(tiny_shards), "--num-workers", "0",
              "--device", "cpu", "--batch-size", "5", "--out"]
@@ -61,6 +80,43 @@ def test_two_ranks_uneven_shards_train_and_eval_exactly(tiny_shards, tmp_path):
     for index, r in alone.items():
         assert r["flagged"] == shared[index]["flagged"]
         assert r["score"] == pytest.approx(shared[index]["score"], abs=1e-4)
+
+
+# Each rank runs `mcci refit-head`; rank 0's fit starts only once every other rank has left the command. A rank
+# held until rank 0 is done (a barrier, under the process group's collective timeout, which a long fit can pass)
+# never leaves, and rank 0 gives up.
+_REFIT_ONCE_THE_OTHERS_HAVE_LEFT = """
+import sys, time
+from pathlib import Path
+from accelerate import PartialState
+import pipeline.jobs.refit_head as job
+from pipeline.cli import main
+
+marks, args = Path(sys.argv[1]), sys.argv[2:]
+state = PartialState(cpu=True)
+fit = job.fit_head
+
+def fit_when_alone(*a, **k):
+    deadline = time.monotonic() + 60
+    while not all((marks / f"left-{rank}").exists() for rank in range(1, state.num_processes)):
+        if time.monotonic() > deadline:
+            raise SystemExit("another rank is still inside refit-head, waiting for rank 0's fit")
+        time.sleep(0.05)
+    return fit(*a, **k)
+
+job.fit_head = fit_when_alone
+main(args)
+(marks / f"left-{state.process_index}").touch()
+"""
+
+
+def test_refit_head_under_torchrun_holds_no_rank_while_rank_0_fits(trained, tiny_shards, tmp_path):
+    out = tmp_path / "refit"
+    r = torchrun(2, "--no-python", sys.executable, "-c", _REFIT_ONCE_THE_OTHERS_HAVE_LEFT, str(tmp_path),
+                 "refit-head", "--checkpoint", str(trained / "mcci"), "--shards", str(tiny_shards), "--out", str(out),
+                 "--num-workers", "0", "--device", "cpu")
+    assert r.stdout.count("refitted the fusion head") == 1  # rank 0 alone did the work and said so
+    assert json.loads((out / "refit.json").read_text())["samples"] == 6 and (out / "model" / "model.safetensors").is_file()
 
 
 def _train_cmd(shards: Path, out: Path, *extra: str) -> list[str]:

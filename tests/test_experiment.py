@@ -5,6 +5,7 @@ import json
 import pytest
 import yaml
 
+from pipeline.data.manifest import fingerprint, load_manifest
 from pipeline.jobs.experiment import run_experiment, run_variant
 from pipeline.support.metrics import defense_effectiveness_rating
 from pipeline.support.errors import JobError
@@ -53,16 +54,26 @@ def test_a_variant_trains_beside_a_finished_experiment_on_its_shards_and_against
     with pytest.raises(JobError, match="no finished experiment"):
         run_variant(out, "seed1", ["train.seed=1"], overrides=TINY_TRAIN)
     results = run_experiment(out, spec, overrides=TINY_TRAIN, references=())
+    assert results["seed"] == 0
     shards_before = sorted(p.name for p in (out / "shards").iterdir())
+    # the undefended model of seed 1, as run_baseline leaves it (figures made up, so DER shows which it was against)
+    seed1 = out / "baselines" / "seed1"
+    seed1.mkdir(parents=True)
+    (seed1 / "experiment.json").write_text(json.dumps({"experiment": json.loads((out / "experiment.json").read_text()),
+                                                       "baseline_seed": 1}))
+    undefended = {"clean_acc": 0.25, "asr": 0.75, "ra": 0.125}
+    (seed1 / "metrics.json").write_text(json.dumps({"baseline": undefended, "data": results["data"], "seed": 1}))
 
     variant = run_variant(out, "seed1", ["train.seed=1"], overrides=TINY_TRAIN)
     folder = out / "variants" / "seed1"
     saved = yaml.safe_load((folder / "mcci" / "model" / "config.yaml").read_text())
-    assert saved["train"]["seed"] == 1 and saved["train"]["defense"] == "mcci"
+    assert saved["train"]["seed"] == 1 and saved["train"]["defense"] == "mcci" and variant["seed"] == 1
     assert saved["data"]["shards"] == str(out / "shards") and sorted(p.name for p in (out / "shards").iterdir()) == shards_before
-    baseline = results["baseline"]
-    for mode in ("own", "mind_control"):  # DER against the experiment's own baseline
-        assert variant["mcci"][mode]["der"] == defense_effectiveness_rating(baseline, variant["mcci"][mode])
+    for mode in ("own", "mind_control"):  # DER against the undefended model of the run's own seed
+        assert variant["mcci"][mode]["der"] == defense_effectiveness_rating(undefended, variant["mcci"][mode])
+    same_seed = run_variant(out, "narrow", ["model.ain_widths=[4,4,4]"], overrides=TINY_TRAIN)
+    for mode in ("own", "mind_control"):  # seed 0: the experiment's own undefended model
+        assert same_seed["mcci"][mode]["der"] == defense_effectiveness_rating(results["baseline"], same_seed["mcci"][mode])
     assert variant["audit"]["samples"] == results["audit"]["samples"]
     assert json.loads((folder / "metrics.json").read_text()) == variant
     (folder / "mcci" / "model" / "model.safetensors").unlink()  # finished: reused, not retrained
@@ -75,6 +86,18 @@ def test_a_variant_trains_beside_a_finished_experiment_on_its_shards_and_against
     with pytest.raises(JobError, match="sets train.defense=none"):
         run_variant(out, "undefended", ["train.defense=none"], overrides=TINY_TRAIN)
     assert not (out / "variants" / "other").exists() and not (out / "variants" / "undefended").exists()
+
+    # the shards were built again since the experiment was evaluated (another content, the same configuration):
+    # its undefended model's figures are of other test images, so no variant is scored against them
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    (out / "shards" / "manifest.json").write_text(json.dumps({**manifest, "seed": 7}))
+    rebuilt = fingerprint(load_manifest(str(out / "shards")))
+    for name, overrides, baseline_file in (("late", [], out / "metrics.json"),
+                                           ("late-seed1", ["train.seed=1"], seed1 / "metrics.json")):
+        with pytest.raises(JobError, match=f"{baseline_file} was evaluated on shards with data fingerprint "
+                                           f"{results['data']['shards']}, {out / 'shards'} has {rebuilt}"):
+            run_variant(out, name, overrides, overrides=TINY_TRAIN)
+        assert not (out / "variants" / name / "mcci").exists()  # refused before training
 
 
 def test_an_experiment_recorded_before_a_key_existed_is_the_same_while_that_key_keeps_its_default(image_tree, tmp_path):
@@ -97,10 +120,10 @@ def test_an_experiment_recorded_before_a_key_existed_is_the_same_while_that_key_
     variant.mkdir(parents=True)
     old_claim = json.loads(json.dumps(recorded))
     old_claim["config"]["data"]["augment"]["mixup_alpha"] = 0.5
-    (variant / "experiment.json").write_text(json.dumps({"experiment": old_claim, "variant": ["train.seed=1"]}))
+    (variant / "experiment.json").write_text(json.dumps({"experiment": old_claim, "variant": ["optim.lr=0.002"]}))
     (variant / "metrics.json").write_text(json.dumps({"finished": True}))
-    assert run_variant(out, "seed1", ["train.seed=1"], overrides=TINY_TRAIN) == {"finished": True}
+    assert run_variant(out, "seed1", ["optim.lr=0.002"], overrides=TINY_TRAIN) == {"finished": True, "seed": 0}
     old_claim["config"]["train"]["epochs"] = 5  # a key the experiment's record states still decides
-    (variant / "experiment.json").write_text(json.dumps({"experiment": old_claim, "variant": ["train.seed=1"]}))
+    (variant / "experiment.json").write_text(json.dumps({"experiment": old_claim, "variant": ["optim.lr=0.002"]}))
     with pytest.raises(JobError, match="experiment.config.train.epochs: 5 there, 1 now"):
-        run_variant(out, "seed1", ["train.seed=1"], overrides=TINY_TRAIN)
+        run_variant(out, "seed1", ["optim.lr=0.002"], overrides=TINY_TRAIN)

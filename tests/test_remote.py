@@ -8,6 +8,8 @@ import functools
 import http.server
 import io
 import json
+import multiprocessing
+import os
 import shutil
 import socket
 import subprocess
@@ -38,10 +40,13 @@ SHARD = "/train/train-000001.tar"
 
 class FaultyHandler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder; ``faults[path]`` lists what the next GETs of that path get instead of the file:
-    "500", "drop" (headers with the full length, half the body, then the connection closed) or
-    "stall" (no answer for longer than the client's timeout, then the file)."""
+    "500", "drop" (headers with the full length, half the body, then the connection closed),
+    "stall" (no answer for longer than the client's timeout, then the file) or "hold" (half the body, then
+    ``holding`` is set and the rest waits for ``release``)."""
     faults: dict[str, list[str]] = {}
     gets: list[str] = []
+    holding: threading.Event
+    release: threading.Event
 
     def log_message(self, *args) -> None:
         pass
@@ -51,16 +56,21 @@ class FaultyHandler(http.server.SimpleHTTPRequestHandler):
         fault = self.faults[self.path].pop(0) if self.faults.get(self.path) else None
         if fault == "500":
             self.send_error(500)
-        elif fault == "drop":
+        elif fault in ("drop", "hold"):
             body = Path(self.directory, self.path.lstrip("/")).read_bytes()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body[:len(body) // 2])
             self.wfile.flush()
-            time.sleep(0.5)  # the client reads the first half before the connection goes
-            self.connection.shutdown(socket.SHUT_RDWR)
-            self.close_connection = True
+            if fault == "drop":
+                time.sleep(0.5)  # the client reads the first half before the connection goes
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+            else:
+                self.holding.set()
+                self.release.wait(300)
+                self.wfile.write(body[len(body) // 2:])
         else:
             if fault == "stall":
                 time.sleep(2.0)
@@ -71,13 +81,14 @@ class FaultyHandler(http.server.SimpleHTTPRequestHandler):
 def serve(folder: Path, **faults: list[str]) -> Iterator[tuple[str, type[FaultyHandler]]]:
     """``http://127.0.0.1:PORT`` serving ``folder`` from a thread; faults keyed by path (``_`` for ``/``)."""
     handler = type("Handler", (FaultyHandler,), {"faults": {k.replace("_", "/"): v for k, v in faults.items()},
-                                                 "gets": []})
+                                                 "gets": [], "holding": threading.Event(), "release": threading.Event()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", handler
     finally:
+        handler.release.set()
         server.shutdown()
         server.server_close()
 
@@ -175,7 +186,8 @@ def _swap(path: Path) -> None:
 
 CORRUPTIONS = {
     "flip": (_flip, r"train-000001.tar: its sha256 differs from manifest.json's;"),
-    "flip-image": (functools.partial(_flip, member=".png"), r"train-000001.tar: sample \S+'s png does not decode"),
+    # the hash is checked before any sample is parsed: a damaged image never reaches the decoder
+    "flip-image": (functools.partial(_flip, member=".png"), r"train-000001.tar: its sha256 differs from manifest.json's;"),
     "truncate": (_truncate, r"train-000001.tar: it ends at byte 1500 of the \d+ recorded \(truncated\)"),
     "delete": (Path.unlink, r"train-000001.tar does not exist"),
     "swap": (_swap, r"train-000001.tar: its sha256 differs from manifest.json's and equals "
@@ -195,6 +207,14 @@ def test_corruption_is_detected_and_named(tiny_shards, tmp_path, where, corrupti
         with pytest.raises(ShardError, match=message) as error:
             read_split(location)
     assert f"{location}/train/train-000001.tar" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_without_the_hash_an_image_that_does_not_decode_is_named(tiny_shards, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    _flip(folder / "train" / "train-000001.tar", member=".png")
+    with pytest.raises(ShardError, match=r"train-000001.tar: sample \S+'s png does not decode"):
+        read_split(str(folder), stream=stream_options(verify="size", retries=0))
 
 
 def test_verify_size_skips_only_the_hash(tiny_shards, tmp_path):
@@ -247,6 +267,56 @@ def test_skipping_is_off_by_default_and_counted_when_on(tiny_shards, tmp_path, c
     indices = read_split(str(folder), stream=stream_options(skip_bad_shards=True, retries=0))
     assert len(indices) == 42 - 9
     assert "skipped " + str(folder / "train" / "train-000001.tar") + ", 9 of its 9 samples not read" in capsys.readouterr().err
+
+
+def test_eval_never_skips_a_shard_unless_asked_and_then_counts_it(trained, tiny_shards, tmp_path, capsys):
+    import yaml
+
+    model = shutil.copytree(trained / "mcci" / "model", tmp_path / "model")
+    config = yaml.safe_load((model / "config.yaml").read_text())
+    (model / "config.yaml").write_text(yaml.safe_dump({**config, "data": {**config["data"], "skip_bad_shards": True}}))
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    damaged = folder / "test-clean" / "test-clean-000000.tar"  # 9 of the 12 clean test images
+    _damage_the_end(damaged)
+    common = ["eval", "--checkpoint", str(model), "--shards", str(folder), "--num-workers", "0", "--device", "cpu"]
+    with pytest.raises(SystemExit) as stop:  # the run skipped bad shards; its evaluation does not follow it
+        main([*common, "--out", str(tmp_path / "refused.json")])
+    assert stop.value.code == 2 and "test-clean-000000.tar: its sha256 differs" in capsys.readouterr().err
+    assert not (tmp_path / "refused.json").exists()
+
+    main([*common, "--skip-bad-shards", "--out", str(tmp_path / "skipped.json")])
+    assert "1 shard(s) skipped, 9 samples not scored" in capsys.readouterr().out
+    skipped = json.loads((tmp_path / "skipped.json").read_text())
+    assert skipped["data"]["skipped"] == {"shards": 1, "samples": 9}
+    damaged.unlink()  # none of the damaged shard's samples were scored: the figures are those without it
+    main([*common, "--skip-bad-shards", "--out", str(tmp_path / "without.json")])
+    assert json.loads((tmp_path / "without.json").read_text())["mcci"] == skipped["mcci"]
+
+
+def test_training_that_skips_shards_records_the_samples_lost_in_its_logs_and_model(tiny_shards, tmp_path):
+    from pipeline.jobs.train import TRAIN_LOG
+
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    for i in (1, 2, 3):  # 9 samples each, of the 42
+        (folder / "train" / f"train-00000{i}.tar").unlink()
+    run = [f"data.shards={folder}", *TINY_TRAIN, "data.skip_bad_shards=true", "train.epochs=2",
+           "train.keep_checkpoints=10"]
+    main(["train", *run, f"train.out={tmp_path / 'straight'}"])
+    log = [json.loads(line) for line in (tmp_path / "straight" / TRAIN_LOG).read_text().splitlines()]
+    lost = [r["skipped_samples"] for r in log]
+    assert lost == sorted(lost) and lost[-1] > 0 and lost[-1] % 9 == 0  # a running count, whole shards
+    validated = [json.loads(line) for line in (tmp_path / "straight" / "val_log.jsonl").read_text().splitlines()]
+    assert validated and all(r["skipped_samples"] == 0 for r in validated)  # the test shards are whole
+    meta = json.loads((tmp_path / "straight" / "model" / "model.json").read_text())
+    assert meta["skipped"] == {"shards": lost[-1] // 9, "samples": lost[-1]}
+
+    # resumed from the first epoch's checkpoint, the count goes on from what the checkpoint holds
+    resumed = tmp_path / "resumed" / "checkpoints"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-00000005", resumed / "step-00000005")
+    main(["train", *run, f"train.out={tmp_path / 'resumed'}", "train.resume=true"])
+    assert json.loads((tmp_path / "resumed" / "model" / "model.json").read_text())["skipped"] == meta["skipped"]
 
 
 def test_the_cache_serves_later_epochs_and_stays_bounded(tiny_shards, tmp_path):
@@ -329,3 +399,165 @@ def test_s3_upload_writes_the_manifest_last(s3_endpoint, tiny_shards, monkeypatc
     upload_folder(tiny_shards, "s3://mcci-test/order", overwrite=False)
     assert len(order) == sum(1 for p in tiny_shards.rglob("*") if p.is_file())
     assert order[-1].endswith("mcci-test/order/manifest.json")
+
+
+# --- the cache, shared by processes (a loader's workers, the ranks of a node) -----------------------------------------
+
+def _read_in_a_process(url: str, stream: StreamOptions, results) -> None:
+    """``read_split`` in a process of its own, as a loader worker or another rank reads: its indices, or its error."""
+    try:
+        results.put(("read", read_split(url, stream=stream)))
+    except Exception as e:  # noqa: BLE001 - the parent asserts on it
+        results.put(("error", str(e)))
+
+
+def _partials(cache: Path) -> list[Path]:
+    return sorted(cache.glob(".partial-*"))
+
+
+def test_a_download_in_progress_survives_another_process_filling_the_cache(tiny_shards, tmp_path):
+    cache = tmp_path / "cache"
+    expected = read_split(str(tiny_shards))
+    one_shard = max(s["size"] for s in load_manifest(str(tiny_shards))["splits"]["train"]["shards"]) / 1e9
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    with serve(tiny_shards, **{SHARD.replace("/", "_"): ["hold"]}) as (url, handler):
+        slow = spawn.Process(target=_read_in_a_process, args=(url, stream_options(retries=0, timeout=300,
+                                                                                  cache_dir=str(cache)), results))
+        slow.start()
+        assert handler.holding.wait(300)  # the slow reader is half-way through the shard: its download is in the cache
+        [partial] = _partials(cache)
+        # another process reads the split with room for one shard: it evicts what it can, but not another's download
+        fast = spawn.Process(target=_read_in_a_process, args=(url, stream_options(retries=0, cache_dir=str(cache),
+                                                                                  cache_gb=one_shard), results))
+        fast.start()
+        fast.join(300)
+        assert results.get(timeout=10) == ("read", expected)
+        assert partial.exists()
+        handler.release.set()
+        slow.join(300)
+        assert results.get(timeout=10) == ("read", expected)
+    assert not _partials(cache)
+
+
+def test_processes_reading_through_one_small_cache_all_read_every_sample(tiny_shards, tmp_path):
+    cache = tmp_path / "cache"
+    expected = read_split(str(tiny_shards))
+    two_shards = 2 * max(s["size"] for s in load_manifest(str(tiny_shards))["splits"]["train"]["shards"]) / 1e9
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    with serve(tiny_shards) as (url, _):
+        readers = [spawn.Process(target=_read_in_a_process, args=(url, stream_options(
+            retries=0, cache_dir=str(cache), cache_gb=two_shards), results)) for _ in range(3)]
+        for reader in readers:
+            reader.start()
+        outcomes = [results.get(timeout=300) for _ in readers]
+        for reader in readers:
+            reader.join(60)
+    assert outcomes == [("read", expected)] * 3
+    assert not _partials(cache) and sum(p.stat().st_size for p in cache.iterdir()) <= two_shards * 1e9
+
+
+def test_a_cached_shard_evicted_as_it_is_opened_is_fetched_again(tiny_shards, tmp_path, monkeypatch):
+    from pipeline.data import storage
+
+    cache = tmp_path / "cache"
+    stream = stream_options(retries=0, cache_dir=str(cache))
+    with serve(tiny_shards) as (url, handler):
+        expected = read_split(url, stream=stream)  # every shard cached
+
+        def evicted_as_opened(path, *args, **kwargs):  # another process's eviction, as this one looks for the file
+            if Path(path).parent == cache:
+                Path(path).unlink(missing_ok=True)
+            return open(path, *args, **kwargs)
+        monkeypatch.setattr(storage, "open", evicted_as_opened, raising=False)
+        gets = len(handler.gets)
+        assert read_split(url, stream=stream) == expected
+        assert SHARD in handler.gets[gets:]  # fetched from the store again, not refused as missing there
+
+
+def test_a_cached_copy_that_no_longer_matches_is_evicted_and_fetched_again(tiny_shards, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    stream = stream_options(retries=0, cache_dir=str(cache))
+    with serve(tiny_shards) as (url, handler):
+        expected = read_split(url, stream=stream)
+        record = load_manifest(str(tiny_shards))["splits"]["train"]["shards"][1]
+        cached = cache / (record["sha256"] + ".tar")
+        _flip(cached)  # a disk fault in the cache
+        assert read_split(url, stream=stream) == expected
+    assert cached.read_bytes() == (tiny_shards / record["path"]).read_bytes()
+    assert f"evicted the cached copy of {url}/{record['path']}, fetching it again" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fault", ["404", "500"])
+def test_a_shard_that_cannot_be_fetched_leaves_nothing_in_the_cache(tiny_shards, tmp_path, fault):
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    faults = {}
+    if fault == "404":
+        (folder / SHARD.lstrip("/")).unlink()
+    else:
+        faults = {SHARD.replace("/", "_"): ["500"] * 10}
+    cache = tmp_path / "cache"
+    with serve(folder, **faults) as (url, _):
+        indices = read_split(url, stream=stream_options(retries=1, backoff=0.0, cache_dir=str(cache),
+                                                        skip_bad_shards=True))
+    assert len(indices) == 42 - 9
+    assert not _partials(cache) and len(list(cache.iterdir())) == 4  # the four shards read, nothing of the fifth
+
+
+def test_a_download_whose_process_has_ended_is_cleared_from_the_cache(tiny_shards, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    left_behind = cache / f".partial-{host}-{int(ended.stdout)}-abc123"
+    in_progress = [cache / f".partial-{host}-{os.getpid()}-def456", cache / ".partial-otherhost-1-ghi789"]
+    for path in (left_behind, *in_progress):
+        path.write_bytes(b"x" * 100)
+    with serve(tiny_shards) as (url, _):
+        read_split(url, stream=stream_options(retries=0, cache_dir=str(cache)))
+    assert not left_behind.exists() and all(p.exists() for p in in_progress)
+
+
+# --- verification of shards read only in part --------------------------------------------------------------------------
+
+def _damage_the_end(path: Path) -> None:
+    """One byte of the tar's end-of-archive padding changed: every sample still parses, only the sha256 tells."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _damaged_split(tiny_shards: Path, tmp_path: Path, split: str) -> tuple[Path, dict]:
+    """A copy of the shards whose every ``split`` shard has its end damaged, and its manifest."""
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_shards, folder)
+    manifest = load_manifest(str(folder))
+    for record in manifest["splits"][split]["shards"]:
+        _damage_the_end(folder / record["path"])
+    return folder, manifest
+
+
+def test_a_reference_taken_from_the_first_images_of_a_damaged_shard_is_refused(tiny_shards, tmp_path):
+    import torch
+
+    from pipeline.components.evaluation import reference_spectra
+    from pipeline.components.models import build_transform
+    from pipeline.support.config import load_config
+
+    folder, manifest = _damaged_split(tiny_shards, tmp_path, "trusted")
+    transform = build_transform(load_config(None, []))
+    with pytest.raises(ShardError, match="trusted-000000.tar: its sha256 differs"):
+        # one image of the shard's six, read a batch of one at a time: the read stops after the first
+        reference_spectra(str(folder), manifest, "trusted", 1, transform, torch.device("cpu"), batch_size=1)
+
+
+def test_an_epoch_cut_inside_a_damaged_shard_is_refused(tiny_shards, tmp_path):
+    from pipeline.data.loaders import train_loader
+
+    folder, manifest = _damaged_split(tiny_shards, tmp_path, "train")
+    loader = train_loader(str(folder), manifest, batch_size=4, steps=1, num_workers=0, shuffle_buffer=1, seed=0,
+                          epoch=0, stream=stream_options(retries=0))
+    with pytest.raises(ShardError, match="its sha256 differs"):
+        list(loader)  # one batch of 4: the epoch ends inside the first shard read

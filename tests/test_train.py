@@ -58,13 +58,18 @@ def test_schedule_warms_up_per_step_then_ends_at_zero():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
-def test_a_bf16_training_step_runs_on_the_cpu(tiny_shards, tmp_path):
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_bf16_training_step_runs_on_the_cpu(trained, tiny_shards, tmp_path):
     # its own process: Accelerate's state (and so the precision) is fixed once per process
     subprocess.run([sys.executable, "-m", "pipeline.cli", "train", f"data.shards={tiny_shards}",
                     f"train.out={tmp_path / 'bf16'}", *TINY_TRAIN, "train.mixed_precision=bf16"],
                    check=True, capture_output=True, timeout=300)
-    log = [json.loads(line) for line in (tmp_path / "bf16" / "train_log.jsonl").read_text().splitlines()]
-    assert len(log) == 5 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    bf16, fp32 = _losses(tmp_path / "bf16"), _losses(trained / "mcci")  # the same run in fp32
+    # the same weights and batch at step 1, computed in bf16: close to the fp32 loss, and not it
+    assert len(bf16) == 5 and bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05)
 
 
 def test_deepspeed_config_gets_the_configured_clip_and_batch():
@@ -410,7 +415,7 @@ def test_frozen_bn_stats_reach_the_sfrn_inside_a_ddp_style_wrapper():
     assert all(t for n, t in norms.items() if n.startswith("ain."))  # the AIN's statistics still learn
 
 
-def test_mixup_mixes_pixels_before_the_spectrum_and_trains(tiny_shards, tmp_path):
+def test_mixup_mixes_pixels_before_the_spectrum_and_trains(trained, tiny_shards, tmp_path):
     """timm's Mixup in batch mode: image i becomes lam * x_i + (1 - lam) * x_(B-1-i), its label the same
     mix of one-hots (smoothed by label_smoothing), and the AIN's spectrum is that of the mixed pixels."""
     from pipeline.components.models import build_transform
@@ -431,7 +436,9 @@ def test_mixup_mixes_pixels_before_the_spectrum_and_trains(tiny_shards, tmp_path
     assert transform(pixels, train=False, labels=labels).targets is None  # evaluation never mixes
     main(["train", f"data.shards={tiny_shards}", f"train.out={tmp_path / 'mixed'}", *TINY_TRAIN,
           "data.augment.mixup_alpha=0.2", "data.augment.cutmix_alpha=1.0"])
-    assert (tmp_path / "mixed" / "model" / "model.safetensors").exists()
+    # the run of the same weights and batches without mixing: the first step's loss is already another
+    mixed, plain = _losses(tmp_path / "mixed"), _losses(trained / "mcci")
+    assert len(mixed) == 5 and mixed[0] != plain[0]
 
 
 def test_drop_path_reaches_timms_blocks_and_is_refused_where_there_is_none():
@@ -442,3 +449,51 @@ def test_drop_path_reaches_timms_blocks_and_is_refused_where_there_is_none():
     assert rates and max(rates) == pytest.approx(0.2)  # timm's linear rule: the last block drops most
     with pytest.raises(ModelError, match="no stochastic depth"):
         create_model("none", "mcci_convnet_tiny", 3, 32, drop_path_rate=0.1)
+
+
+def _steps_logged(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_run_that_died_before_its_first_checkpoint_logs_each_step_once_when_started_again(tiny_shards, tmp_path,
+                                                                                            monkeypatch):
+    from pipeline.components.variants import Variant
+
+    run = [f"data.shards={tiny_shards}", f"train.out={tmp_path / 'r'}", *TINY_TRAIN]  # one checkpoint: at step 5
+    real = Variant.loss
+
+    def dies_at_step_3(self, *args, **kwargs):
+        dies_at_step_3.calls += 1
+        if dies_at_step_3.calls == 3:
+            raise RuntimeError("killed")  # as a lost node: steps 1 and 2 are logged, no checkpoint written
+        return real(self, *args, **kwargs)
+
+    dies_at_step_3.calls = 0
+    monkeypatch.setattr(Variant, "loss", dies_at_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["train", *run])
+    assert _steps_logged(tmp_path / "r") == [1, 2] and not (tmp_path / "r" / "checkpoints").exists()
+    monkeypatch.setattr(Variant, "loss", real)
+    main(["train", *run, "train.resume=true"])  # nothing to resume: it starts again at step 0
+    assert _steps_logged(tmp_path / "r") == [1, 2, 3, 4, 5]
+
+
+def test_a_run_resumed_from_an_epoch_end_checkpoint_logs_each_epochs_validation_once(tiny_shards, tmp_path,
+                                                                                      monkeypatch):
+    run = [f"data.shards={tiny_shards}", f"train.out={tmp_path / 'r'}", *TINY_TRAIN, "train.epochs=3",
+           "train.checkpoint_every=5", "train.keep_checkpoints=10"]  # 5 steps an epoch: every epoch's end is due
+    real = train_job.save_training_state
+
+    def dies_saving_epoch_2(accelerator, out, state, *args, **kwargs):
+        if (state["step"], state["epoch"]) == (10, 2):  # killed while epoch 2's own checkpoint was being written
+            raise RuntimeError("killed")
+        return real(accelerator, out, state, *args, **kwargs)
+
+    monkeypatch.setattr(train_job, "save_training_state", dies_saving_epoch_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["train", *run])
+    monkeypatch.setattr(train_job, "save_training_state", real)
+    main(["train", *run, "train.resume=true"])
+    validated = [(r["epoch"], r["mode"]) for r in map(json.loads, (tmp_path / "r" / "val_log.jsonl").read_text().splitlines())]
+    assert validated == [(epoch, mode) for epoch in (1, 2, 3) for mode in ("own", "mind_control")]
+    assert _steps_logged(tmp_path / "r") == list(range(1, 16))

@@ -18,7 +18,7 @@ from pipeline.components.checkpoint import save_model
 from pipeline.components.isolation import flagged_indices, isolation_rows
 from pipeline.components.models import build_model, build_transform, load_trained
 from pipeline.components.run_checks import check_resume_identity
-from pipeline.components.scoring import COLUMNS, score_batches, summarise
+from pipeline.components.scoring import COLUMNS, score_batches, score_samples, summarise
 from pipeline.data.batches import Batch
 from pipeline.data.transforms import InputTransform, lowpass_view
 from pipeline.support.config import AugmentConfig, load_config, to_dict
@@ -148,7 +148,24 @@ def test_isolate_by_a_loss_flags_its_fraction_and_records_its_rule(tiny_shards, 
     assert "isolation after epoch 4 (ain_loss): 4 of 42" in capsys.readouterr().out
     record = json.loads((run / "isolation.json").read_text())
     assert (record["rule"], record["fraction"], record["flagged"]) == ("ain_loss", 0.1, 4)
-    assert len(record["flagged_indices"]) == 4 and 0 <= record["recorded_poisoned"]["auroc"] <= 1
+    # the model the switch scored (step 20's checkpoint), with the reference the switch gave it, scored again here:
+    # the flags are the four samples the AIN's half fits best (round(0.1 * 42)), ranked by hand
+    from pipeline.components.evaluation import set_model_reference
+    from pipeline.data.manifest import load_manifest
+
+    cfg = load_config(None, [f"data.shards={tiny_shards}", *ISOLATE])
+    model = build_model(cfg, 3, 32, load_pretrained=False)
+    model.load_state_dict(load_file(str(run / "checkpoints" / "step-00000020" / "model.safetensors")))
+    manifest, transform = load_manifest(str(tiny_shards)), build_transform(cfg)
+    r = cfg.reference
+    set_model_reference(model.eval(), str(tiny_shards), manifest, r.kind, r.source, r.count, transform, torch.device("cpu"))
+    rows = score_samples(model, str(tiny_shards), manifest, "train", transform, torch.device("cpu"), 16, 0).tolist()
+    fitted_best = sorted(rows, key=lambda r: (r[COLUMNS.index("ain_loss")], r[COLUMNS.index("index")]))[:4]
+    assert record["flagged_indices"] == sorted(int(r[COLUMNS.index("index")]) for r in fitted_best)
+    poisoned = [r[COLUMNS.index("ain_loss")] for r in rows if r[COLUMNS.index("poisoned")]]
+    clean = [r[COLUMNS.index("ain_loss")] for r in rows if not r[COLUMNS.index("poisoned")]]
+    ordered = sum((p < c) + 0.5 * (p == c) for p in poisoned for c in clean)  # a lower AIN loss is more suspect
+    assert record["recorded_poisoned"]["auroc"] == pytest.approx(ordered / (len(poisoned) * len(clean)), abs=1e-4)
 
 
 @pytest.mark.parametrize("overrides, message", [

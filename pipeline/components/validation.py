@@ -19,13 +19,14 @@ VAL_LOG = "val_log.jsonl"
 
 def validate(model: nn.Module, cfg: Config, manifest: dict[str, Any], transform: InputTransform,
              device: torch.device, autocast: Callable[[], Any], reduce: Callable[[torch.Tensor], torch.Tensor],
-             parts: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+             parts: dict[str, float] | None = None, stream: StreamOptions | None = None) -> dict[str, dict[str, float]]:
     """Metrics per inference mode (``plain``, or MCCI's ``own`` and ``mind_control``) of an unwrapped
     model, counted across ranks, with rank 0's BatchNorm statistics (those the saved model keeps). MCCI's mind
     control uses a reference computed now from ``cfg.reference`` (the model's final one is fixed after training);
-    ``parts`` is filled as ``evaluate`` fills it. The model is left in eval mode."""
+    ``parts`` is filled as ``evaluate`` fills it; ``stream``: how the shards are read (default: ``cfg.data``'s way;
+    the training job gives its own, whose tally counts what validation skips). The model is left in eval mode."""
     broadcast_buffers_from_main(model)
-    stream = StreamOptions.from_config(cfg.data)
+    stream = stream or StreamOptions.from_config(cfg.data)
     if isinstance(model, MCCI):
         r = cfg.reference
         with autocast():  # DeepSpeed's bf16/fp16 weights take the fp32 spectra only under autocast

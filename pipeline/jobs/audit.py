@@ -65,7 +65,7 @@ def audit(checkpoint: str | Path, shards: str, out: str | Path, split: str = "tr
     if split not in manifest["splits"]:
         raise JobError(f"{shards} has no split {split!r}; splits: {sorted(manifest['splits'])}")
     rows = score_samples(model, shards, manifest, split, build_transform(cfg), dev, batch_size, num_workers,
-                         StreamOptions.from_config(cfg.data))
+                         StreamOptions.for_scoring(cfg.data))  # every sample scored, or an error: none skipped
     rows = torch.cat(gather_object([rows]))
     if not state.is_main_process:
         return None

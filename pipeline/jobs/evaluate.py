@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import PartialState
 from accelerate.utils import reduce
 
@@ -25,6 +26,17 @@ def parse_reference(text: str) -> tuple[str, str, int]:
     return parts[0], parts[1], int(parts[2])
 
 
+def check_baseline_shards(baseline: dict[str, Any], shards_fingerprint: str, baseline_name: str, shards: str,
+                          fix: str = "evaluate the undefended model on these shards") -> None:
+    """Refuse an undefended model's figures (its evaluation's JSON) scored on other shards than ``shards`` (data
+    fingerprint ``shards_fingerprint``), naming both: DER compares two models on the same test images. Figures that
+    record no fingerprint (written before evaluations did) are taken as they are."""
+    scored_on = (baseline.get("data") or {}).get("shards")
+    if scored_on and scored_on != shards_fingerprint:
+        raise JobError(f"{baseline_name} was evaluated on shards with data fingerprint {scored_on}, {shards} has "
+                       f"{shards_fingerprint}: DER compares two models on the same test images; {fix}")
+
+
 def chosen_weights(checkpoint: str | Path, weights: str | None) -> list[str]:
     """The weight kinds to score: ``raw``, ``ema``, ``both``, or None for every kind the model holds (its own
     first). A kind the model lacks is refused before any work."""
@@ -40,12 +52,17 @@ def chosen_weights(checkpoint: str | Path, weights: str | None) -> list[str]:
 
 def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[str] = (),
                         batch_size: int = 256, num_workers: int = 2, device: str | None = None,
-                        weights: str | None = None) -> dict[str, Any]:
+                        weights: str | None = None, skip_bad_shards: bool = False) -> dict[str, Any]:
     """Metrics of a saved model: ``{"baseline": {...}}`` or ``{"mcci": {"own", "mind_control"}}``, with
     ``"weights"`` naming the weights they are of; with ``references``, also mind control under each alternative
     reference (the stored one is kept). ``weights`` as ``chosen_weights``: with more than one kind the top level is
     the model's own weights' figures and ``"by_weights"`` holds each kind's, so a report cannot show the EMA's
     figures without the raw weights' (or the reverse).
+
+    Every shard's sha256 is checked before its samples are scored, and a shard that cannot be read stops the
+    evaluation, whatever the run's ``data.skip_bad_shards``; with ``skip_bad_shards`` it is skipped instead and
+    counted in ``data.skipped`` (shards, and samples not read, over every pass this evaluation made), so figures
+    over fewer samples than the split holds always say so.
 
     Under ``torchrun``/``accelerate launch`` each rank reads its share of the test shards and the
     counts are summed, so every sample counts once; every rank returns the same metrics.
@@ -53,8 +70,8 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[st
     kinds = chosen_weights(checkpoint, weights)
     state = PartialState(cpu=device == "cpu")
     dev = job_device(state, device)
-    by_weights = {kind: _evaluate_weights(checkpoint, kind, shards, references, batch_size, num_workers, dev)
-                  for kind in kinds}
+    by_weights = {kind: _evaluate_weights(checkpoint, kind, shards, references, batch_size, num_workers, dev,
+                                          skip_bad_shards) for kind in kinds}
     results = dict(by_weights[kinds[0]])
     if len(kinds) > 1:
         results["by_weights"] = by_weights
@@ -62,11 +79,11 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[st
 
 
 def _evaluate_weights(checkpoint: str | Path, kind: str, shards: str, references: list[str], batch_size: int,
-                      num_workers: int, dev) -> dict[str, Any]:
+                      num_workers: int, dev, skip_bad_shards: bool) -> dict[str, Any]:
     model, cfg, meta = load_trained(checkpoint, dev, kind)
     manifest = load_matching_manifest(shards, meta)
     transform = build_transform(cfg)
-    stream = StreamOptions.from_config(cfg.data)  # the run's verification and retry settings
+    stream = StreamOptions.for_scoring(cfg.data, skip_bad_shards)  # the run's retries and cache, not its skipping
 
     def run(modes: tuple[str, ...] | None = None) -> dict[str, Any]:
         return evaluate(model, shards, manifest, transform, dev, batch_size, num_workers, modes=modes,
@@ -75,7 +92,7 @@ def _evaluate_weights(checkpoint: str | Path, kind: str, shards: str, references
     # which data the figures are of: another build of the same classes (another attack, say) is allowed
     data = {"shards": fingerprint(manifest), "trained_on": meta.get("data_fingerprint")}
     if not isinstance(model, MCCI):
-        return {"baseline": run(), "weights": kind, "data": data}
+        return {"baseline": run(), "weights": kind, "data": {**data, "skipped": _skipped(stream, dev)}}
     results: dict[str, Any] = {"mcci": run(), "weights": kind, "reference": meta["reference"], "data": data}
     stored = (model.reference_feature.clone(), model.reference_spectrum.clone())
     alternatives = {}
@@ -87,4 +104,11 @@ def _evaluate_weights(checkpoint: str | Path, kind: str, shards: str, references
         model.reference_feature.copy_(stored[0])
         model.reference_spectrum.copy_(stored[1])
         results["references"] = alternatives
+    data["skipped"] = _skipped(stream, dev)
     return results
+
+
+def _skipped(stream: StreamOptions, dev: torch.device) -> dict[str, int]:
+    """The shards ``stream`` skipped and their samples not read, summed over the ranks (every rank calls this)."""
+    shards, samples = reduce(torch.tensor(stream.tally.counts(), device=dev), "sum").tolist()
+    return {"shards": int(shards), "samples": int(samples)}

@@ -53,8 +53,9 @@ def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_deca
                device: str | None = None) -> dict[str, Any] | None:
     """Refit on ``shards``' trusted split and write ``out``; ``weight_decay`` ``"cv"``: chosen by 5-fold
     cross-validation from ``WEIGHT_DECAYS``; ``max_images``: a seeded random subset of that many trusted images
-    (to measure how many a refit needs). The main process does the work and returns the record;
-    other ranks wait and return None."""
+    (to measure how many a refit needs). The main process does the work and returns the record; other ranks
+    return None at once: the fit is one process's, and a rank waiting for it in a barrier would wait under the
+    process group's collective timeout, which a long fit (cross-validation over many trusted images) can pass."""
     out = Path(out)
     if weight_decay != CROSS_VALIDATE and not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
         raise JobError(f"--weight-decay must be a number >= 0 or {CROSS_VALIDATE!r}, got {weight_decay!r}")
@@ -64,7 +65,6 @@ def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_deca
         raise JobError(f"--max-images must be at least 1, got {max_images}")
     state = PartialState(cpu=device == "cpu")
     if not state.is_main_process:
-        state.wait_for_everyone()
         return None
     start = time.perf_counter()
     dev = job_device(state, device)
@@ -72,7 +72,7 @@ def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_deca
     manifest = load_matching_manifest(shards, meta)
     _check_trusted(manifest, shards)
     loader = eval_loader(shards, manifest, SPLIT, batch_size, num_workers, by_rank=False,
-                         stream=StreamOptions.from_config(cfg.data))
+                         stream=StreamOptions.for_scoring(cfg.data))  # every trusted image, or an error
     data = layer_inputs(model, loader, build_transform(cfg, spectra=False), dev)
     if max_images is not None and max_images < len(data["labels"]):
         # a seeded random subset: shards keep their source's order, which is by class for a folder tree
@@ -103,7 +103,6 @@ def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_deca
     save_model(out / MODEL_DIR, model.state_dict(), cfg, {**meta, "head_refit": record})
     record["seconds"] = round(time.perf_counter() - start, 1)
     write_json(out / REFIT_FILE, record)
-    state.wait_for_everyone()
     return record
 
 

@@ -44,7 +44,7 @@ from pipeline.data.batches import Batch
 from pipeline.data.loaders import steps_per_epoch, train_loader
 from pipeline.data.manifest import load_manifest
 from pipeline.data.prefetch import device_batches, resolve_decode
-from pipeline.data.storage import StreamOptions
+from pipeline.data.storage import ShardTally, StreamOptions
 from pipeline.data.transforms import InputTransform, ModelInputs
 from pipeline.support.config import Config, load_config
 from pipeline.support.errors import ConfigError, JobError
@@ -231,7 +231,8 @@ def build_run(cfg: Config) -> Run:
                               gradient_accumulation_steps=cfg.train.grad_accumulation, kwargs_handlers=ddp)
     _check_out(cfg)
     set_seed(cfg.train.seed)  # the same initial weights on every rank
-    stream = StreamOptions.from_config(cfg.data)  # how shards are read: verification, retries, cache
+    # how shards are read (verification, retries, cache), and where the shards skipped are counted (every process)
+    stream = StreamOptions.from_config(cfg.data, ShardTally())
     manifest = load_manifest(cfg.data.shards, stream)
     steps = steps_per_epoch(manifest, cfg.data.batch_size, accelerator.num_processes)  # micro-batches
     check_data_for_run(cfg, manifest, mixed_precision, steps)
@@ -307,6 +308,9 @@ def start_state(run: Run) -> TrainState:
         # "isolation": what checkpoints written before variants were modules call the isolate variant's state
         run.variant.load_state_dict(saved.get("variant_state", saved.get("isolation")), epoch_context(run, state),
                                     state.epoch)
+        if accelerator.is_main_process:  # the runs before this one skipped these (summed over ranks: counted once)
+            before = saved.get("skipped", {})
+            run.stream.tally.add(before.get("shards", 0), before.get("samples", 0))
         accelerator.print(f"resumed from step {state.step} (epoch {state.epoch}) of {run.total_steps}")
     state.last_checked = state.step
     if accelerator.is_main_process:
@@ -323,7 +327,8 @@ def save_checkpoint(run: Run, state: TrainState, epoch: int) -> None:
                         {"step": state.step, "epoch": epoch, "total_steps": run.total_steps, "run": run.identity,
                          # every rank's stream: each augments its own batches
                          "augment_rng": gather_object([run.transform.generator.get_state().tolist()]),
-                         "scheduler": scheduler_state, "variant_state": run.variant.state_dict()},
+                         "scheduler": scheduler_state, "variant_state": run.variant.state_dict(),
+                         "skipped": skipped(run)},
                         run.cfg.train.keep_checkpoints, ema=None if run.ema is None else run.ema.module.state_dict())
 
 
@@ -359,10 +364,19 @@ def step_loss(run: Run, step: int, batch: Batch) -> Callable[..., torch.Tensor]:
     return partial(run.variant.loss, batch=batch)
 
 
+def skipped(run: Run) -> dict[str, int]:
+    """The shards this run skipped (``data.skip_bad_shards``: training, validation and reference reads, and those
+    of the runs it resumed) and their samples not read, summed over the ranks: every rank calls it."""
+    shards, samples = run.accelerator.reduce(torch.tensor(run.stream.tally.counts(), device=run.accelerator.device),
+                                             "sum").tolist()
+    return {"shards": int(shards), "samples": int(samples)}
+
+
 def write_log_line(run: Run, state: TrainState, epoch: int, grad_norm: torch.Tensor | None,
                    log: TextIO | None, bar: tqdm) -> None:
     """The window's mean loss (over ranks and micro-batches), images/s, LR, gradient norm and the variant's
-    figures, to ``train_log.jsonl``, the trackers and the progress bar."""
+    figures, to ``train_log.jsonl``, the trackers and the progress bar; where skipping is on, the samples of skipped
+    shards so far (the run's data is then not all its shards)."""
     loss = run.accelerator.reduce(state.window_loss / state.window_steps, "mean")
     check_finite(loss, state.step, state.last_checked)
     record = {"step": state.step, "epoch": epoch, "loss": round(loss.item(), 5),
@@ -370,6 +384,8 @@ def write_log_line(run: Run, state: TrainState, epoch: int, grad_norm: torch.Ten
               "images_per_s": round(state.window_images / (time.perf_counter() - state.window_start), 1),
               "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
               **run.variant.log_values()}
+    if run.stream.skip_bad_shards:
+        record["skipped_samples"] = skipped(run)["samples"]
     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
     if log:
         log.write(json.dumps(record) + "\n")
@@ -385,10 +401,15 @@ def validate_epoch(run: Run, state: TrainState, epoch: int, val_log: TextIO | No
     candidates = [("raw", run.network)] + ([("ema", run.ema.module)] if run.ema is not None else [])
     for weights, candidate in candidates:
         parts: dict[str, float] = {}
+        before = skipped(run) if run.stream.skip_bad_shards else None
         results = validate(candidate, run.cfg, run.manifest, run.transform, run.accelerator.device,
-                           run.eval_autocast, lambda t: run.accelerator.reduce(t, "sum"), parts=parts)
+                           run.eval_autocast, lambda t: run.accelerator.reduce(t, "sum"), parts=parts,
+                           stream=run.stream)
         run.accelerator.print(describe(epoch + 1, weights, results))
         rows = {mode: {**metrics, **(parts if mode == "own" else {})} for mode, metrics in results.items()}
+        if before is not None:  # figures over fewer samples than the test splits hold say so
+            lost = skipped(run)["samples"] - before["samples"]
+            rows = {mode: {**metrics, "skipped_samples": lost} for mode, metrics in rows.items()}
         if val_log:
             for mode, metrics in rows.items():
                 val_log.write(json.dumps({"step": state.step, "epoch": epoch + 1, "weights": weights, "mode": mode,
@@ -447,15 +468,16 @@ def train(cfg: Config) -> Path:
 
 def save_trained_model(run: Run) -> Path:
     """Write ``<out>/model`` on the main process: the EMA as the model's weights when the run kept one, the raw
-    weights beside it (``raw.safetensors``), each with the mind-control reference (MCCI) its own AIN gives."""
+    weights beside it (``raw.safetensors``), each with the mind-control reference (MCCI) its own AIN gives; where
+    skipping is on, ``skipped`` in its metadata (shards the run, its validations and its references skipped)."""
     cfg, accelerator, manifest = run.cfg, run.accelerator, run.manifest
     raw = accelerator.get_state_dict(run.model)  # gathers ZeRO-3 / FSDP shards
     weight_sets = {"raw": raw} if run.ema is None else {"ema": run.ema.module.state_dict(), "raw": raw}
     model_dir = run.out / MODEL_DIR
+    states: dict[str, dict[str, torch.Tensor]] = {}
     if accelerator.is_main_process:
         meta = model_meta(cfg, manifest)
         meta["weights"] = next(iter(weight_sets))  # the kind model.safetensors holds
-        states = {}
         for kind, state_dict in weight_sets.items():
             plain = build_model(cfg, manifest["num_classes"], manifest["image_size"], load_pretrained=False)
             plain.load_state_dict(state_dict)
@@ -465,6 +487,10 @@ def save_trained_model(run: Run) -> Path:
                                                         r.kind, r.source, r.count, run.transform,
                                                         accelerator.device, run.stream)
             states[kind] = plain.state_dict()
+    lost = skipped(run)  # after the references (read on the main process alone): every rank takes part
+    if accelerator.is_main_process:
+        if run.stream.skip_bad_shards:
+            meta["skipped"] = lost
         extra = {RAW_WEIGHTS: states["raw"]} if run.ema is not None else {}
         if extra:
             meta["other_weights"] = {"raw": RAW_WEIGHTS}

@@ -66,14 +66,18 @@ class DataConfig:
                           "workers: PIL in the loader's workers; device: torchvision on the device",
                           choices=("auto", "workers", "device"))
     # remote shards (http(s)://, s3://, gs://; credentials from the environment): pipeline/data/storage.py
-    verify: str = setting("hash", "hash: each shard's size, sample count and sha256 checked as it streams; "
-                          "size: all but the hash", choices=("hash", "size"))
+    verify: str = setting("hash", "hash: each shard's size and sha256 checked before its samples are used, its sample "
+                          "count as it is parsed; size: all but the hash (eval, audit and refit-head always hash)",
+                          choices=("hash", "size"))
     timeout: float = setting(60.0, "seconds a connection may stall before it counts as failed", gt=0.0)
     retries: int = setting(3, "further attempts for a shard that fails to open or breaks mid-read", ge=0)
     retry_backoff: float = setting(1.0, "seconds before the first retry, doubled for each next one", ge=0.0)
-    skip_bad_shards: bool = setting(False, "skip (and count) a shard that still fails instead of stopping")
+    skip_bad_shards: bool = setting(False, "skip a shard that still fails instead of stopping; the samples lost are "
+                                    "counted in train_log.jsonl, val_log.jsonl and model.json (eval does not follow "
+                                    "this: mcci eval --skip-bad-shards)")
     cache_dir: str = setting("", "keep verified remote shards here for later epochs (\"\" = stream every time)")
-    cache_gb: float = setting(10.0, "the cache's bound; least recently written shards are evicted first", gt=0.0)
+    cache_gb: float = setting(10.0, "the cache's bound; least recently used shards are evicted first (downloads in "
+                              "progress, another worker's or rank's, never)", gt=0.0)
     # unset: the SFRN's pretrained input (timm's resolve_model_data_config), filled in when the model is built
     mean: tuple[float, float, float] | None = setting(None, "per-channel mean of the SFRN's input, 0..1 scale "
                                                       "(unset: the SFRN's pretrained config)", length=3)

@@ -61,11 +61,11 @@ def plot_training_log(log_path: str | Path, out: str | Path) -> Path | None:
 
 def defense_matrix_figure(rows: list[dict[str, Any]]) -> plt.Figure:
     """Per attack: ASR and clean accuracy of the baseline and, under mind control, of MCCI and each variant
-    (``rows[i]["variants"]``: name -> runs, one per seed; extra MCCI seeds in ``mcci_seeds``), bars at the
-    mean over seeds."""
+    (``rows[i]["variants"]``: name -> runs, one per seed; extra MCCI seeds in ``mcci_seeds``, extra seeds of the
+    undefended model in ``baseline_seeds``), bars at the mean over seeds."""
     names = [r["attack"] for r in rows]
     variants = list(rows[0].get("variants", {})) if rows else []
-    bars = [("baseline (no defense)", lambda r: [r["baseline"]]),
+    bars = [("baseline (no defense)", lambda r: [r["baseline"], *[b["baseline"] for b in r.get("baseline_seeds", [])]]),
             ("MCCI, mind control", lambda r: [r["mcci"]["mind_control"]]
              + [m["mcci"]["mind_control"] for m in r.get("mcci_seeds", [])])]
     bars += [(f"MCCI {v}, mind control", lambda r, v=v: [m["mcci"]["mind_control"] for m in r["variants"][v]])
