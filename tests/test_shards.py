@@ -1,6 +1,7 @@
 import hashlib
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -202,6 +203,47 @@ def test_overwrite_replaces_only_an_earlier_build(tmp_path, layout, message):
         build_shards(BuildSpec(source=str(source), out=str(out), trusted_count=2, overwrite=True), progress=False)
     assert _tree_digest(root) == before  # nothing deleted, nothing added
     assert not [p for p in root.rglob(".*")]
+
+
+@pytest.mark.parametrize("plant, named", [
+    (lambda out: (out / "train" / "notes.txt").write_text("mine"), "train/notes.txt"),
+    (lambda out: (out / "test-clean" / "mine").mkdir(), "test-clean/mine"),
+    (lambda out: ((out / "test-clean" / "mine").mkdir(), (out / "test-clean" / "mine" / "a.txt").write_text("x")),
+     "test-clean/mine"),
+    (lambda out: (out / "trusted" / "trusted-000009.tar").write_bytes(b"not listed"), "trusted/trusted-000009.tar"),
+    (lambda out: (out / "train" / "link").symlink_to(out.parent / "data"), "train/link"),
+    (lambda out: ((out / "assets").mkdir(), (out / "assets" / "trigger.png").write_bytes(b"mine")),
+     "assets/trigger.png"),
+    (lambda out: ((out / "test-poisoned").rename(out / "moved"), (out / "test-poisoned").write_text("x")),
+     "moved, test-poisoned"),
+], ids=["file_in_split", "empty_folder_in_split", "folder_in_split", "unlisted_shard", "link_in_split",
+        "unrecorded_asset", "split_replaced_by_a_file"])
+def test_overwrite_refuses_a_build_folder_a_user_wrote_into(tmp_path, plant, named):
+    """Issue 29: only the top level was checked, so a user's file nested in a split folder was deleted with the old
+    build (exit 0). Anything the old build's manifest does not account for refuses the overwrite, named."""
+    tree = make_image_tree(tmp_path / "data", per_class=6, test_per_class=2)
+    out = tmp_path / "out"
+    build_shards(BuildSpec(source=str(tree), out=str(out), trusted_count=2), progress=False)
+    plant(out)
+    before = _tree_digest(tmp_path)
+    dirs_before = sorted(str(p) for p in out.rglob("*"))
+    with pytest.raises(ShardBuildError, match=rf"--overwrite refused: .*out also holds .*{re.escape(named)}.*which a "
+                                              "shard build did not write"):
+        build_shards(BuildSpec(source=str(tree), out=str(out), trusted_count=2, overwrite=True, seed=1),
+                     progress=False)
+    assert _tree_digest(tmp_path) == before and sorted(str(p) for p in out.rglob("*")) == dirs_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+
+
+def test_overwrite_refuses_a_build_folder_whose_manifest_is_unreadable(tmp_path):
+    tree = make_image_tree(tmp_path / "data", per_class=6, test_per_class=2)
+    out = tmp_path / "out"
+    build_shards(BuildSpec(source=str(tree), out=str(out), trusted_count=2), progress=False)
+    (out / "manifest.json").write_text("{broken")
+    before = _tree_digest(tmp_path)
+    with pytest.raises(ShardBuildError, match=r"manifest.json cannot be read .*what the earlier build wrote is unknown"):
+        build_shards(BuildSpec(source=str(tree), out=str(out), trusted_count=2, overwrite=True), progress=False)
+    assert _tree_digest(tmp_path) == before
 
 
 def test_a_failed_rebuild_leaves_the_old_output_intact(tmp_path):
