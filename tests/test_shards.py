@@ -425,3 +425,81 @@ def test_crop_pct_keeps_the_centre_as_timms_eval_transform_does(tmp_path):
     m = build_shards(BuildSpec(source="embedded:digits", out=str(tmp_path / "o"), image_size=16, crop_pct=0.875,
                                max_train=200, max_test=50), progress=False)
     assert m["build"]["crop_pct"] == 0.875
+
+
+def _bomb_png(side: int) -> bytes:
+    """A small PNG whose header declares side x side 8-bit greyscale pixels (its data stops after a few rows: what
+    matters is that the reader refuses it from the header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = zlib.compress(b"\x00" * (side + 1) * 64)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def _replace_first_image(shards: Path, split: str, data: bytes) -> Path:
+    """The first image of the split's first shard replaced by ``data``, the manifest's size and sha256 updated (so
+    only the image is wrong)."""
+    path = sorted((shards / split).glob("*.tar"))[0]
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first = next(i for i, (m, _) in enumerate(members) if m.name.endswith(".png"))
+    with tarfile.open(path, "w") as tar:
+        for i, (member, body) in enumerate(members):
+            if i == first:
+                body = data
+                member.size = len(body)
+            tar.addfile(member, io.BytesIO(body))
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for record in manifest["splits"][split]["shards"]:
+        if record["path"] == f"{split}/{path.name}":
+            record.update(size=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_a_decompression_bomb_inside_a_shard_is_refused_from_its_header(tiny_shards, tmp_path, monkeypatch, decode):
+    """Issue 29: a 2 KB PNG in a shard that declares 144 megapixels was decoded in full (2.2 GB), then a traceback.
+    The shard reader applies Pillow's pixel limit from the header, as `mcci predict` does, and decodes nothing."""
+    import shutil
+
+    from PIL import ImageFile
+
+    from pipeline.data.loaders import eval_loader
+    from pipeline.data.manifest import load_manifest
+    from pipeline.support.errors import ShardError
+
+    shards = shutil.copytree(tiny_shards, tmp_path / "shards")
+    bomb = _bomb_png(12000)
+    assert len(bomb) < 20_000
+    shard = _replace_first_image(shards, "test-clean", bomb)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or real_load(im))
+    with pytest.raises(ShardError, match=rf"{shard.name}.* is a 12000x12000 pixel image, above the limit of "
+                                         rf"{Image.MAX_IMAGE_PIXELS} .*so it was not decoded"):
+        for _ in eval_loader(str(shards), load_manifest(str(shards)), "test-clean", 8, 0, decode=decode):
+            pass
+    assert (12000, 12000) not in decoded
+
+
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_each_image_read_from_a_shard_must_have_the_manifests_size(tiny_shards, tmp_path, decode):
+    import shutil
+
+    from pipeline.data.loaders import eval_loader
+    from pipeline.data.manifest import load_manifest
+    from pipeline.support.errors import ShardError
+
+    shards = shutil.copytree(tiny_shards, tmp_path / "shards")
+    small = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(small, format="PNG")
+    shard = _replace_first_image(shards, "train", small.getvalue())
+    with pytest.raises(ShardError, match=rf"sample 00000000 in .*{shard.name} is 16x16 px, but manifest.json says "
+                                         "image_size 32: the manifest was edited or the shard replaced"):
+        for _ in eval_loader(str(shards), load_manifest(str(shards)), "train", 8, 0, decode=decode):
+            pass

@@ -41,15 +41,16 @@ from pipeline.components.trackers import flat_config, resolve_trackers
 from pipeline.components.validation import VAL_LOG, describe, validate
 from pipeline.components.variants import EpochContext, Variant, build_variant, plain_loss
 from pipeline.data.batches import Batch
-from pipeline.data.loaders import steps_per_epoch, train_loader
+from pipeline.data.loaders import check_first_samples, steps_per_epoch, train_loader
 from pipeline.data.manifest import load_manifest
 from pipeline.data.prefetch import device_batches, resolve_decode
 from pipeline.data.storage import StreamOptions
 from pipeline.data.transforms import InputTransform, ModelInputs
 from pipeline.support.config import Config, load_config
-from pipeline.support.errors import ConfigError, JobError
+from pipeline.support.errors import USER_ERRORS, ConfigError, JobError
 from pipeline.support.plots import TRAIN_CURVES, VAL_CURVES, plot_training_log, plot_validation_log
 from pipeline.support.report import write_json, write_text
+from shards.outputs import unwritable
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -164,18 +165,22 @@ def check_finite(loss: torch.Tensor, step: int, last_checked: int) -> None:
                        "lower optim.lr, set optim.grad_clip > 0, or use spectrum.normalisation=log")
 
 
-def trim_logs(out: Path, last_step: int) -> None:
+def trim_logs(out: Path, last_step: int, epoch_end_pending: bool = False) -> None:
     """Drop log records past the checkpoint a run resumes from (all of them when it starts at step 0): those steps
-    run again, and a log never repeats a step."""
-    for path in (out / TRAIN_LOG, out / VAL_LOG):
+    run again, and a log never repeats a step. A checkpoint kept before its epoch's end was done (validation failed,
+    say) drops that step's validation rows too: the validation runs again."""
+    for path, last in ((out / TRAIN_LOG, last_step), (out / VAL_LOG, last_step - epoch_end_pending)):
         if path.exists():
             kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] <= last_step]
+                    if line.strip() and json.loads(line)["step"] <= last]
             write_text(path, "".join(kept))
 
 
 def _check_out(cfg: Config) -> None:
     out = Path(cfg.train.out)
+    problem = unwritable(out)  # before any work: the run's files are written inside it
+    if problem:
+        raise ConfigError(f"train.out={cfg.train.out} cannot be written: {problem}")
     if cfg.train.resume:
         return
     if (out / MODEL_DIR).exists() or checkpoint_dirs(out):
@@ -233,6 +238,10 @@ def build_run(cfg: Config) -> Run:
     manifest = load_manifest(cfg.data.shards, stream)
     steps = steps_per_epoch(manifest, cfg.data.batch_size, accelerator.num_processes)  # micro-batches
     check_data_for_run(cfg, manifest, mixed_precision, steps)
+    # shards that disagree with their manifest (an edited image_size, say) stop here, not after an epoch
+    check_first_samples(cfg.data.shards, manifest, ["train", *(["test-clean", "test-poisoned"] if cfg.train.eval_every
+                                                              else []), *([cfg.reference.source] if cfg.train.defense
+                                                                          == "mcci" else [])], stream)
     accumulation = cfg.train.grad_accumulation  # the schedule and the EMA count optimiser steps
     check_ema_horizon(cfg.train, steps * cfg.train.epochs // accumulation)
     variant = build_variant(cfg)
@@ -291,6 +300,7 @@ def start_state(run: Run) -> TrainState:
     augmentation RNG, the variant's state), with the logs cut back to its step."""
     cfg, accelerator, out = run.cfg, run.accelerator, run.out
     state = TrainState()
+    pending = False
     if cfg.train.resume and checkpoint_dirs(out):
         newest = checkpoint_dirs(out)[-1]
         check_resume_identity(json.loads((newest / TRAINER_STATE).read_text()).get("run"), run.identity)
@@ -303,24 +313,62 @@ def start_state(run: Run) -> TrainState:
         # "isolation": what checkpoints written before variants were modules call the isolate variant's state
         run.variant.load_state_dict(saved.get("variant_state", saved.get("isolation")), epoch_context(run, state),
                                     state.epoch)
-        accelerator.print(f"resumed from step {state.step} (epoch {state.epoch}) of {run.total_steps}")
+        pending = saved.get("epoch_end_pending", False)  # kept after a failure between an epoch's steps and its end
+        accelerator.print(f"resumed from step {state.step} (epoch {state.epoch}) of {run.total_steps}"
+                          + (", at the end of the epoch's steps" if pending else ""))
     state.last_checked = state.step
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        trim_logs(out, state.step)
+        trim_logs(out, state.step, pending)
     return state
 
 
-def save_checkpoint(run: Run, state: TrainState, epoch: int) -> None:
-    """The resumable state at ``state.step``, with ``epoch`` epochs done. The schedule and the augmentation RNG go
-    to JSON: Accelerate would pickle registered objects and unpickle them with weights_only=False on resume."""
+def save_checkpoint(run: Run, state: TrainState, epoch: int, epoch_end_pending: bool = False) -> None:
+    """The resumable state at ``state.step``, with ``epoch`` epochs done (``epoch_end_pending``: and the steps of the
+    next, but not its validation and end-of-epoch hook). The schedule and the augmentation RNG go to JSON:
+    Accelerate would pickle registered objects and unpickle them with weights_only=False on resume."""
     scheduler_state = {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"}
     save_training_state(run.accelerator, run.out,
                         {"step": state.step, "epoch": epoch, "total_steps": run.total_steps, "run": run.identity,
                          # every rank's stream: each augments its own batches
                          "augment_rng": gather_object([run.transform.generator.get_state().tolist()]),
-                         "scheduler": scheduler_state, "variant_state": run.variant.state_dict()},
+                         "scheduler": scheduler_state, "variant_state": run.variant.state_dict(),
+                         **({"epoch_end_pending": True} if epoch_end_pending else {})},
                         run.cfg.train.keep_checkpoints, ema=None if run.ema is None else run.ema.module.state_dict())
+
+
+def keep_work(run: Run, state: TrainState, epoch: int, error: Exception, epoch_end_pending: bool = False) -> Exception:
+    """After a failure outside a step (reading the data, validation, the variant's epoch hook, saving the model), the
+    steps done since the last checkpoint are saved, so no work is lost; returns the error with a note naming the
+    checkpoint to resume from. In one process only: a save is collective, and a failure on one rank would leave the
+    others waiting in it; and only on a whole optimiser step (an accumulated gradient is not part of a checkpoint)."""
+    saved = checkpoint_dirs(run.out)
+    kept = int(saved[-1].name.split("-")[1]) if saved else 0
+    if (run.accelerator.num_processes == 1 and state.step > kept
+            and state.step % run.cfg.train.grad_accumulation == 0):
+        try:
+            save_checkpoint(run, state, epoch, epoch_end_pending)
+            kept = state.step
+        except Exception as failed:  # noqa: BLE001 - the first error is the one to report
+            print(f"note: the checkpoint of step {state.step} could not be written ({failed})", file=sys.stderr)
+    note = (f"kept checkpoint step-{kept:08d} in {run.out / 'checkpoints'} ({kept} of {run.total_steps} steps): fix "
+            "the cause and continue with train.resume=true" if kept else "no step was done, so no checkpoint was kept")
+    if isinstance(error, USER_ERRORS):
+        return type(error)(f"{error}; {note}")  # the CLI prints its last line: the note goes at its end
+    print(note, file=sys.stderr)
+    return error
+
+
+def _saving_on_failure(run: Run, state: TrainState, epoch: int, batches: Iterator[Batch]) -> Iterator[Batch]:
+    """``batches``, with a failure to read the next one (a damaged shard, a lost server) keeping the steps done
+    (``keep_work``); a failure inside a step is not caught here: the weights may be half-updated."""
+    try:
+        yield from batches
+    except Exception as e:  # noqa: BLE001 - re-raised, annotated
+        error = keep_work(run, state, epoch, e)
+        if error is e:
+            raise
+        raise error from e
 
 
 def epoch_batches(run: Run, epoch: int, step: int) -> Iterator[Batch]:
@@ -330,6 +378,8 @@ def epoch_batches(run: Run, epoch: int, step: int) -> Iterator[Batch]:
     loader = train_loader(cfg.data.shards, run.manifest, cfg.data.batch_size, run.steps, cfg.data.num_workers,
                           cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + run.accelerator.process_index,
                           epoch=epoch, decode=run.decode, stream=run.stream)
+    if step >= (epoch + 1) * run.steps:  # a checkpoint kept after the epoch's steps: only its end is left to do
+        return iter(())
     return device_batches(itertools.islice(loader, step - epoch * run.steps, None), run.accelerator.device)
 
 
@@ -400,7 +450,7 @@ def train(cfg: Config) -> Path:
                file=sys.stdout)
     for epoch in range(state.epoch, cfg.train.epochs):
         begin_epoch(run, state.step)
-        for batch in epoch_batches(run, epoch, state.step):
+        for batch in _saving_on_failure(run, state, epoch, epoch_batches(run, epoch, state.step)):
             end_probe(run, state.step)
             inputs = model_inputs(run.transform, batch.images, run.input_dtype, batch.labels)
             loss, grad_norm = train_step(accelerator, run.model, run.optimizer, run.scheduler, inputs, batch.labels,
@@ -417,9 +467,15 @@ def train(cfg: Config) -> Path:
                 write_log_line(run, state, epoch, grad_norm, log, bar)
             if checkpoint_due and not epoch_end:  # the epoch's own checkpoint comes after its validation
                 save_checkpoint(run, state, epoch)
-        if run.validating and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
-            validate_epoch(run, state, epoch, val_log)
-        run.variant.end_of_epoch(epoch_context(run, state), epoch)
+        try:
+            if run.validating and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
+                validate_epoch(run, state, epoch, val_log)
+            run.variant.end_of_epoch(epoch_context(run, state), epoch)
+        except Exception as e:  # noqa: BLE001 - re-raised, annotated
+            error = keep_work(run, state, epoch, e, epoch_end_pending=True)
+            if error is e:
+                raise
+            raise error from e
         save_checkpoint(run, state, epoch + 1)
     bar.close()
     if main:
@@ -427,7 +483,13 @@ def train(cfg: Config) -> Path:
         val_log.close()
         plot_training_log(run.out / TRAIN_LOG, run.out / TRAIN_CURVES)
         plot_validation_log(run.out / VAL_LOG, run.out / VAL_CURVES)
-    model_dir = save_trained_model(run)
+    try:
+        model_dir = save_trained_model(run)
+    except Exception as e:  # noqa: BLE001 - re-raised, annotated: every step is in the last checkpoint
+        error = keep_work(run, state, cfg.train.epochs, e)
+        if error is e:
+            raise
+        raise error from e
     accelerator.end_training()  # closes the trackers (and the process group): last
     return model_dir
 
