@@ -100,7 +100,9 @@ def _shards_build(args: argparse.Namespace) -> None:
 
 def _shards_preview(args: argparse.Namespace) -> None:
     from pipeline.jobs.preview import preview
+    from pipeline.support.outputs import check_output_file
 
+    check_output_file(args.out or str(Path(args.shards) / "preview.png"), "--out", "png")
     print(f"wrote {preview(args.shards, args.out, args.count, args.pairs)}")
 
 
@@ -120,8 +122,11 @@ def _eval(args: argparse.Namespace) -> None:
 
     from pipeline.data.manifest import fingerprint, load_manifest
     from pipeline.jobs.evaluate import chosen_weights, evaluate_checkpoint
+    from pipeline.support.outputs import check_output_file
     from pipeline.support.report import add_der, baseline_figures, format_table, result_sets, write_json
 
+    if args.out:  # before any work; the baseline's metrics are an input, never overwritten
+        check_output_file(args.out, "--out", "metrics", inputs=[args.baseline_metrics] if args.baseline_metrics else [])
     baseline = None
     if args.baseline_metrics:  # read before the evaluation: a bad file is refused before any work
         baseline = _read_file(args.baseline_metrics, "--baseline-metrics", json.loads, "JSON")
@@ -160,17 +165,26 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _audit(args: argparse.Namespace) -> None:
     from pipeline.jobs.audit import audit
+    from pipeline.support.outputs import check_output_folder
     from pipeline.support.report import format_audit
 
+    check_output_folder(args.out, "--out", {"audit.json": "audit", "samples.jsonl": "audit_samples",
+                                            "scores.png": "png"})
     summary = audit(args.checkpoint, args.shards, args.out, args.split, args.batch_size, args.num_workers, args.device)
     if summary is not None:  # the main process
         print(f"{format_audit(summary)}\nwrote {args.out}/audit.json, samples.jsonl (most suspicious first), scores.png")
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from pipeline.jobs.predict import predict
+    from pipeline.jobs.predict import image_files, predict
+    from pipeline.support.outputs import check_output_file
     from pipeline.support.report import write_text
+    from shards.sources import IMAGE_SUFFIXES
 
+    if args.out:  # before any work: never one of the images, nor a file of another kind
+        check_output_file(args.out, "--out", "predictions", inputs=image_files(args.images))
+        if Path(args.out).suffix.lower() in IMAGE_SUFFIXES:  # a later `mcci predict` of the folder would read it
+            raise ConfigError(f"--out {args.out} has an image's suffix; predictions are JSON lines: name a .jsonl file")
     records = predict(args.checkpoint, args.images, args.top_k, args.batch_size, args.device)
     if args.out:
         write_text(args.out, "".join(json.dumps(r) + "\n" for r in records))
@@ -182,7 +196,9 @@ def _predict(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from pipeline.jobs.export import export
+    from pipeline.support.outputs import check_output_folder
 
+    check_output_folder(args.out, "--out")
     config = export(args.checkpoint, args.out)
     print(f"wrote {args.out}: {config['architecture']}, {config['num_classes']} classes, input "
           f"{config['pretrained_cfg']['input_size']}; load with timm.create_model('local-dir:{args.out}', pretrained=True)")
@@ -191,6 +207,9 @@ def _export(args: argparse.Namespace) -> None:
 def _refit_head(args: argparse.Namespace) -> None:
     from pipeline.jobs.refit_head import describe, refit_head
 
+    from pipeline.support.outputs import check_output_folder
+
+    check_output_folder(args.out, "--out")
     penalty = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}  # else the job's default
     record = refit_head(args.checkpoint, args.shards, args.out, max_images=args.max_images, batch_size=args.batch_size,
                         num_workers=args.num_workers, device=args.device, **penalty)
@@ -200,7 +219,10 @@ def _refit_head(args: argparse.Namespace) -> None:
 
 def _weights_import(args: argparse.Namespace) -> None:
     from pipeline.jobs.weights import import_weights
+    from pipeline.support.outputs import check_output_file
 
+    check_output_file(args.out, "--out", "safetensors")
+    check_output_file(Path(args.out).with_suffix(".json"), "--out's sidecar", "weights_sidecar")
     sidecar = import_weights(args.out, args.file)
     print(f"wrote {args.out} ({sidecar['tensors']} tensors, {sidecar['architecture']}, licence {sidecar['licence']}, "
           f"source sha256 {sidecar['source_sha256'][:12]}...) and its sidecar {Path(args.out).with_suffix('.json')}; "
@@ -209,7 +231,9 @@ def _weights_import(args: argparse.Namespace) -> None:
 
 def _quickstart(args: argparse.Namespace) -> None:
     from pipeline.jobs.quickstart import quickstart
+    from pipeline.support.outputs import check_output_folder
 
+    check_output_folder(args.out, "--out")
     quickstart(args.out, args.epochs)
 
 

@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from shards.attacks import AttackContext, build_attack
 from shards.errors import Interrupted, ShardBuildError
+from shards.outputs import unwritable
 from shards.sources import LabelledImages, encode_image, load_source
 
 FORMAT_VERSION = 1
@@ -61,6 +62,8 @@ LOSSLESS_MAX_SIDE = 64
 MAX_IMAGE_SIZE = 1024  # px per side of a shard image: 3 MiB per decoded image, ViT-L/16 at 512 px fits easily
 # What a shard folder holds; anything else in a folder named by --overwrite is not ours to delete.
 OUTPUT_ENTRIES = {"manifest.json", "assets", "preview.png", *SPLITS}
+# bytes the longest hidden sibling adds to the output's name: ".NAME.partial-" + mkdtemp's 8 characters
+HIDDEN_NAME_EXTRA = len("..partial-") + 8
 
 
 @dataclass
@@ -141,8 +144,11 @@ def _check_output(spec: BuildSpec) -> None:
         if resolved == source or resolved in source.parents or source in resolved.parents:
             raise ShardBuildError(f"--out {out} is, holds or lies inside the source {source}; "
                                   "write the shards to a folder outside the source")
-    if out.exists() and not out.is_dir():
+    if os.path.exists(out) and not os.path.isdir(out):
         raise ShardBuildError(f"--out {out} is a file; name a folder for the shards")
+    problem = unwritable(out, HIDDEN_NAME_EXTRA)  # first: Path.exists raises on a name too long
+    if problem:
+        raise ShardBuildError(f"--out {out} cannot be written: {problem}")
     if not out.exists() or not any(out.iterdir()):
         return
     if not spec.overwrite:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -353,9 +354,12 @@ def validate(cfg: Config) -> None:
                               "cutmix give soft labels: set data.augment.mixup_alpha=0 and cutmix_alpha=0")
     if len(cfg.model.ain_widths) != len(cfg.model.ain_dropouts):
         raise ConfigError("model.ain_widths and model.ain_dropouts must have the same length")
+    if cfg.train.defense == "mcci" and not cfg.model.ain_widths:  # else an AIN of no block trains, named MCCI
+        raise ConfigError("model.ain_widths=[] leaves MCCI without an AIN; give at least one block (the default is "
+                          f"{list(Config().model.ain_widths)}), or set train.defense=none for the undefended model")
     for key in ("train.out", "data.shards"):
         path = Path(getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
-        if str(path) and path.is_file():
+        if str(path) and os.path.isfile(path):  # never raises (Path.is_file does on a name too long)
             raise ConfigError(f"{key}={path} is a file; name a folder")
     if cfg.train.mcci_variant == "isolate":
         if cfg.train.defense != "mcci":
