@@ -28,8 +28,8 @@ from tqdm import tqdm
 from mcci_models import MCCI, sfrn_data_config
 from mcci_models.flops import forward_flops
 from mcci_models.saved import MODEL_DIR, RAW_WEIGHTS
-from pipeline.components.checkpoint import (TRAINER_STATE, checkpoint_dirs, load_training_state, save_model,
-                                           save_training_state)
+from pipeline.components.checkpoint import (checkpoint_dirs, load_newest_checkpoint, save_model, save_training_state,
+                                           step_folders)
 from pipeline.components.distributed import (configure_deepspeed, deepspeed_input_dtype, resolve_mixed_precision,
                                              seed_rank_randomness, shards_parameters)
 from pipeline.components.ema import build_ema, check_ema_horizon
@@ -183,7 +183,7 @@ def _check_out(cfg: Config) -> None:
         raise ConfigError(f"train.out={cfg.train.out} cannot be written: {problem}")
     if cfg.train.resume:
         return
-    if (out / MODEL_DIR).exists() or checkpoint_dirs(out):
+    if (out / MODEL_DIR).exists() or step_folders(out):
         raise ConfigError(f"{out} already holds a training run; set train.resume=true to continue it "
                           "or choose another train.out")
 
@@ -301,10 +301,11 @@ def start_state(run: Run) -> TrainState:
     cfg, accelerator, out = run.cfg, run.accelerator, run.out
     state = TrainState()
     pending = False
-    if cfg.train.resume and checkpoint_dirs(out):
-        newest = checkpoint_dirs(out)[-1]
-        check_resume_identity(json.loads((newest / TRAINER_STATE).read_text()).get("run"), run.identity)
-        saved, ema_weights = load_training_state(accelerator, newest)
+    # the newest usable checkpoint (a damaged one falls back to the one before, none usable stops the run)
+    restored = load_newest_checkpoint(accelerator, out, lambda recorded: check_resume_identity(recorded, run.identity),
+                                      accelerator.print) if cfg.train.resume else None
+    if restored is not None:
+        _, saved, ema_weights = restored
         state.step, state.epoch = saved["step"], saved["epoch"]
         if run.ema is not None:  # a checkpoint without one (written before identities) restarts it from the weights
             run.ema.module.load_state_dict(ema_weights or run.network.state_dict())
@@ -316,6 +317,9 @@ def start_state(run: Run) -> TrainState:
         pending = saved.get("epoch_end_pending", False)  # kept after a failure between an epoch's steps and its end
         accelerator.print(f"resumed from step {state.step} (epoch {state.epoch}) of {run.total_steps}"
                           + (", at the end of the epoch's steps" if pending else ""))
+    elif cfg.train.resume and (out / TRAIN_LOG).is_file() and (out / TRAIN_LOG).read_text().strip():
+        accelerator.print(f"note: train.resume=true, but {out} holds no checkpoint (the run stopped before its first): "
+                          "training starts at step 0 and its logs start again")
     state.last_checked = state.step
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
