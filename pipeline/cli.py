@@ -11,15 +11,17 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 import yaml
 
 from pipeline.jobs.evaluate import REFERENCE_HELP
-from pipeline.support.config import describe_keys
-from pipeline.support.errors import USER_ERRORS, ConfigError
+from pipeline.support.config import describe_keys, strict_yaml_load
+from pipeline.support.errors import USER_ERRORS, ConfigError, forget_kept, kept_notes, note_kept
 from shards.build import MAX_IMAGE_SIZE
+from shards.errors import Interrupted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,7 +80,7 @@ def _shards_build(args: argparse.Namespace) -> None:
 
     params = {}
     if args.attack_config:
-        params.update(_read_file(args.attack_config, "--attack-config", lambda t: yaml.safe_load(t) or {}, "YAML"))
+        params.update(_read_file(args.attack_config, "--attack-config", lambda t: strict_yaml_load(t) or {}, "YAML"))
     for text in args.param:
         key, equals, value = text.partition("=")
         if not key.strip() or not equals:
@@ -87,6 +89,7 @@ def _shards_build(args: argparse.Namespace) -> None:
             params[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
             params[key.strip()] = value  # not YAML: the text itself, for the attack to check
+    note_kept("build", f"nothing: the partial shard folder was removed, and {args.out} is as it was before")
     manifest = (build_and_upload if is_remote(args.out) else build_shards)(BuildSpec(
         source=args.source, test_source=args.test_source, out=args.out, attack=args.attack,
         poison_rate=args.poison_rate, target=args.target, mode=args.mode, seed=args.seed, image_size=args.image_size,
@@ -366,6 +369,11 @@ def main(argv: list[str] | None = None) -> None:
     """The one top-level handler: expected errors become one line (exit 2), anything else a traceback."""
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("MCCI_DEBUG", "0") not in ("", "0")
+    forget_kept()
+    # SIGTERM (a scheduler's stop, `kill`) ends the command as Ctrl-C does: cleanup runs and one line says what was
+    # kept; by default it would kill the process without a word (exit 143)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
     try:
         args.func(args)
         from pipeline.components.distributed import leave_process_group
@@ -377,8 +385,10 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         signum = getattr(e, "signum", signal.SIGINT)  # shards.errors.Interrupted carries SIGTERM
-        _fail(args, f"interrupted by {signal.Signals(signum).name}; outputs are written aside and renamed, so none "
-                    "is half-written", 128 + signum)
+        kept = kept_notes()
+        _fail(args, f"interrupted by {signal.Signals(signum).name}; "
+                    + (f"kept: {'; '.join(kept)}" if kept else "nothing was kept, and nothing is half-written: this "
+                       "command writes its outputs aside and renames them when complete"), 128 + signum)
     except USER_ERRORS as e:
         if debug:
             raise
@@ -388,6 +398,13 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(args, f"{e.filename or ''}: {e.strerror or e}; check the path, its permissions and free space", 2)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from mcci_models import MCCI, sfrn_data_config
 from mcci_models.flops import forward_flops
-from mcci_models.saved import MODEL_DIR, RAW_WEIGHTS
+from mcci_models.saved import MODEL_DIR, RAW_WEIGHTS, WEIGHTS
 from pipeline.components.checkpoint import (checkpoint_dirs, load_newest_checkpoint, save_model, save_training_state,
                                            step_folders)
 from pipeline.components.distributed import (configure_deepspeed, deepspeed_input_dtype, resolve_mixed_precision,
@@ -47,7 +47,7 @@ from pipeline.data.prefetch import device_batches, resolve_decode
 from pipeline.data.storage import StreamOptions
 from pipeline.data.transforms import InputTransform, ModelInputs
 from pipeline.support.config import Config, load_config
-from pipeline.support.errors import USER_ERRORS, ConfigError, JobError
+from pipeline.support.errors import USER_ERRORS, ConfigError, JobError, note_kept
 from pipeline.support.plots import TRAIN_CURVES, VAL_CURVES, plot_training_log, plot_validation_log
 from pipeline.support.report import write_json, write_text
 from shards.outputs import unwritable
@@ -321,6 +321,7 @@ def start_state(run: Run) -> TrainState:
         accelerator.print(f"note: train.resume=true, but {out} holds no checkpoint (the run stopped before its first): "
                           "training starts at step 0 and its logs start again")
     state.last_checked = state.step
+    note_kept(f"train {out}", partial(_kept_on_disk, run))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         trim_logs(out, state.step, pending)
@@ -339,6 +340,19 @@ def save_checkpoint(run: Run, state: TrainState, epoch: int, epoch_end_pending: 
                          "scheduler": scheduler_state, "variant_state": run.variant.state_dict(),
                          **({"epoch_end_pending": True} if epoch_end_pending else {})},
                         run.cfg.train.keep_checkpoints, ema=None if run.ema is None else run.ema.module.state_dict())
+
+
+def _kept_on_disk(run: Run) -> str | None:
+    """What an interrupt's line says this run kept, read from the disk when it is asked: the saved model, else the
+    newest checkpoint."""
+    if (run.out / MODEL_DIR / WEIGHTS).is_file():
+        return f"the trained model {run.out / MODEL_DIR}"
+    saved = checkpoint_dirs(run.out)
+    if not saved:
+        return None
+    step = int(saved[-1].name.split("-")[1])
+    return (f"checkpoint {saved[-1].name} in {run.out / 'checkpoints'} ({step} of {run.total_steps} steps; continue "
+            "with train.resume=true)")
 
 
 def keep_work(run: Run, state: TrainState, epoch: int, error: Exception, epoch_end_pending: bool = False) -> Exception:

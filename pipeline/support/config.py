@@ -306,13 +306,45 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping (a duplicate section or key) is an error
+    naming both lines: PyYAML keeps the last one without a word, so an edit lower in a file silently undid one above."""
+
+
+def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" may repeat what it merges
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            seen = key in first
+        except TypeError:  # an unhashable key: PyYAML's own constructor says what is wrong with it
+            break
+        line = first.setdefault(key, key_node.start_mark.line)
+        if seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is given twice, on line {line + 1} and line {key_node.start_mark.line + 1} "
+                "(YAML would keep only the last); keep one", None)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def strict_yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (``_StrictLoader``): for every file a user
+    edits (configs, attack configs) and every override."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``a.b=value`` -> {"a": {"b": value}}; the value is read as YAML (numbers, lists, null)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=3e-4)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = strict_yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({' '.join(str(e).split())}); "
                           "quote text, write lists as [1, 2]") from e
@@ -382,7 +414,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             state = "is a folder" if path.is_dir() else "does not exist"
             raise ConfigError(f"config file {path} {state}; give a YAML file (see configs/ for examples)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = strict_yaml_load(path.read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read {path} as YAML: {' '.join(str(e).split())}; fix the file") from e
         if not isinstance(data, dict):
