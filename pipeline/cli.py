@@ -57,9 +57,17 @@ def _device(text: str) -> str:
     import torch
 
     try:
-        torch.device(text)
+        device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":  # else the job fails at its first tensor, in a traceback about drivers
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is visible here; use --device cpu (or leave "
+                                             "--device out: the GPU when there is one)")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine shows {count} CUDA GPU(s), cuda:0.."
+                                             f"cuda:{count - 1}")
     return text
 
 
@@ -105,8 +113,11 @@ def _shards_preview(args: argparse.Namespace) -> None:
     from pipeline.jobs.preview import preview
     from pipeline.support.outputs import check_output_file
 
+    from pipeline.data.storage import DEFAULT_STREAM, with_overrides
+
     check_output_file(args.out or str(Path(args.shards) / "preview.png"), "--out", "png")
-    print(f"wrote {preview(args.shards, args.out, args.count, args.pairs)}")
+    stream = with_overrides(DEFAULT_STREAM, args.timeout, args.retries)
+    print(f"wrote {preview(args.shards, args.out, args.count, args.pairs, stream)}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -124,7 +135,7 @@ def _eval(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
     from pipeline.data.manifest import fingerprint, load_manifest
-    from pipeline.jobs.evaluate import chosen_weights, evaluate_checkpoint
+    from pipeline.jobs.evaluate import chosen_weights, evaluate_checkpoint, parse_reference
     from pipeline.support.outputs import check_output_file
     from pipeline.support.report import add_der, baseline_figures, format_table, result_sets, write_json
 
@@ -138,15 +149,19 @@ def _eval(args: argparse.Namespace) -> None:
             raise ConfigError(f"--baseline-metrics {args.baseline_metrics} has no clean_acc and asr; give the "
                               "JSON `mcci eval --out` wrote for the undefended model")
     chosen_weights(args.checkpoint, args.weights)  # a kind the model lacks is refused before any work
+    for text in args.reference:  # and a reference that cannot be made
+        parse_reference(text)
     if baseline is not None:
+        from pipeline.data.storage import DEFAULT_STREAM, with_overrides
+
         scored_on = (baseline.get("data") or {}).get("shards")
-        here = fingerprint(load_manifest(args.shards))
+        here = fingerprint(load_manifest(args.shards, with_overrides(DEFAULT_STREAM, args.timeout, args.retries)))
         if scored_on and scored_on != here:
             raise ConfigError(f"--baseline-metrics {args.baseline_metrics} was evaluated on shards with data "
                               f"fingerprint {scored_on}, {args.shards} has {here}: DER compares two models on the "
                               "same test images; evaluate the undefended model on these shards")
     results = evaluate_checkpoint(args.checkpoint, args.shards, args.reference, args.batch_size, args.num_workers,
-                                  args.device, args.weights)
+                                  args.device, args.weights, args.timeout, args.retries)
     if not PartialState().is_main_process:
         return
     if baseline is not None:
@@ -173,7 +188,8 @@ def _audit(args: argparse.Namespace) -> None:
 
     check_output_folder(args.out, "--out", {"audit.json": "audit", "samples.jsonl": "audit_samples",
                                             "scores.png": "png"})
-    summary = audit(args.checkpoint, args.shards, args.out, args.split, args.batch_size, args.num_workers, args.device)
+    summary = audit(args.checkpoint, args.shards, args.out, args.split, args.batch_size, args.num_workers, args.device,
+                    args.timeout, args.retries)
     if summary is not None:  # the main process
         print(f"{format_audit(summary)}\nwrote {args.out}/audit.json, samples.jsonl (most suspicious first), scores.png")
 
@@ -215,7 +231,8 @@ def _refit_head(args: argparse.Namespace) -> None:
     check_output_folder(args.out, "--out")
     penalty = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}  # else the job's default
     record = refit_head(args.checkpoint, args.shards, args.out, max_images=args.max_images, batch_size=args.batch_size,
-                        num_workers=args.num_workers, device=args.device, **penalty)
+                        num_workers=args.num_workers, device=args.device, timeout=args.timeout,
+                        retries=args.retries, **penalty)
     if record is not None:  # the main process
         print(describe(record, args.out))
 
@@ -238,6 +255,25 @@ def _quickstart(args: argparse.Namespace) -> None:
 
     check_output_folder(args.out, "--out")
     quickstart(args.out, args.epochs)
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
+def _add_stream_args(parser: argparse.ArgumentParser) -> None:
+    """How shards are read by a job that is not `mcci train` (which has data.timeout and data.retries)."""
+    parser.add_argument("--timeout", type=_positive_seconds, help="seconds a remote read may wait for an answer "
+                        "before it is retried (default: the model's data.timeout, else 60)")
+    parser.add_argument("--retries", type=_at_least(0), help="retries of a remote read that fails or times out, each "
+                        "announced in a line (default: the model's data.retries, else 3)")
 
 
 def _add_compute_args(parser: argparse.ArgumentParser, batch_size: int, loader_workers: bool) -> None:
@@ -290,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default: SHARDS/preview.png)")
     p.add_argument("--count", type=_at_least(1), default=8, help="images per row")
     p.add_argument("--pairs", type=_at_least(1), default=256, help="clean/poisoned pairs averaged for the maps")
+    _add_stream_args(p)
     p.set_defaults(func=_shards_preview)
 
     t = sub.add_parser("train", help="train MCCI or the undefended baseline", parents=[debug],
@@ -308,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which weights to score (default: every set the model holds, its own first: a run that kept "
                         "an EMA is scored on its raw weights too)")
     _add_compute_args(e, batch_size=256, loader_workers=True)
+    _add_stream_args(e)
     e.set_defaults(func=_eval)
 
     a = sub.add_parser("audit", help="flag training samples whose label only the AIN explains (likely poisoned)",
@@ -317,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="folder for audit.json, samples.jsonl and scores.png")
     a.add_argument("--split", default="train", help="split to audit (default: train)")
     _add_compute_args(a, batch_size=256, loader_workers=True)
+    _add_stream_args(a)
     a.set_defaults(func=_audit)
 
     pr = sub.add_parser("predict", help="classify image files (MCCI models under mind control)", parents=[debug])
@@ -344,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or cv: chosen by 5-fold cross-validation on the trusted images")
     r.add_argument("--max-images", type=_at_least(1), help="refit on a seeded random N of the trusted images (default: all)")
     _add_compute_args(r, batch_size=256, loader_workers=True)
+    _add_stream_args(r)
     r.set_defaults(func=_refit_head)
 
     w = sub.add_parser("weights", help="pretrained weights").add_subparsers(dest="weights_command", required=True)

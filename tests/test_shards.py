@@ -320,7 +320,8 @@ def test_a_signal_stops_the_build_and_leaves_the_old_output(tmp_path, signum, wo
     assert proc.returncode == 128 + signum
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (f"mcci shards: error: interrupted by {'SIGINT' if signum == 2 else 'SIGTERM'}; "
-                                               "outputs are written aside and renamed, so none is half-written")
+                                               f"kept: nothing: the partial shard folder was removed, and {out} is as "
+                                               "it was before")
     assert _tree_digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
 

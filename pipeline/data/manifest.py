@@ -6,7 +6,7 @@ import json
 from pathlib import PurePosixPath
 from typing import Any
 
-from pipeline.data.storage import DEFAULT_STREAM, MissingFile, StreamOptions, join, read_bytes
+from pipeline.data.storage import DEFAULT_STREAM, MissingFile, StreamOptions, page_instead, join, read_bytes
 from pipeline.support.errors import ShardError
 from shards.build import MAX_IMAGE_SIZE
 
@@ -17,14 +17,23 @@ SUPPORTED_FORMAT = 1
 def load_manifest(location: str, stream: StreamOptions = DEFAULT_STREAM) -> dict[str, Any]:
     """Read ``manifest.json`` from a shard folder or URL prefix (local, http(s)://, s3://, gs://)."""
     url = join(location, MANIFEST)
+    body = b""
     try:
-        manifest = json.loads(read_bytes(url, stream))
+        body = read_bytes(url, stream)
+        manifest = json.loads(body)
     except MissingFile as e:
         raise ShardError(f"no {MANIFEST} at {location}; point data.shards at a folder made by `mcci shards build`") from e
     except ShardError:
         raise
     except ValueError as e:
+        page = page_instead(body)
+        if page:  # a server's page where the manifest should be: the URL is wrong, not the shards
+            raise ShardError(f"{url} returned {page}, not a manifest; check the URL: it must be the shard folder made "
+                             "by `mcci shards build`") from e
         raise ShardError(f"cannot read {url}: {e}; rebuild the shards with `mcci shards build`") from e
+    if not isinstance(manifest, dict) or "splits" not in manifest:
+        raise ShardError(f"{url} holds JSON that is not a shard manifest (no splits); check the URL: it must be the "
+                         "shard folder made by `mcci shards build`")
     if manifest.get("format_version") != SUPPORTED_FORMAT:
         raise ShardError(f"{url} has format_version {manifest.get('format_version')}, this mcci reads "
                          f"{SUPPORTED_FORMAT}; rebuild the shards with this version")
