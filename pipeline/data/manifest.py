@@ -6,7 +6,7 @@ import json
 from pathlib import PurePosixPath
 from typing import Any
 
-from pipeline.data.storage import DEFAULT_STREAM, MissingFile, StreamOptions, page_instead, join, read_bytes
+from pipeline.data.storage import DEFAULT_STREAM, MissingFile, StreamOptions, join, page_instead, read_bytes
 from pipeline.support.errors import ShardError
 from shards.build import MAX_IMAGE_SIZE
 
