@@ -11,15 +11,17 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 import yaml
 
 from pipeline.jobs.evaluate import REFERENCE_HELP
-from pipeline.support.config import describe_keys
-from pipeline.support.errors import USER_ERRORS, ConfigError
+from pipeline.support.config import describe_keys, strict_yaml_load
+from pipeline.support.errors import USER_ERRORS, ConfigError, forget_kept, kept_notes, note_kept
 from shards.build import MAX_IMAGE_SIZE
+from shards.errors import Interrupted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,9 +57,17 @@ def _device(text: str) -> str:
     import torch
 
     try:
-        torch.device(text)
+        device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":  # else the job fails at its first tensor, in a traceback about drivers
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is visible here; use --device cpu (or leave "
+                                             "--device out: the GPU when there is one)")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine shows {count} CUDA GPU(s), cuda:0.."
+                                             f"cuda:{count - 1}")
     return text
 
 
@@ -78,7 +88,7 @@ def _shards_build(args: argparse.Namespace) -> None:
 
     params = {}
     if args.attack_config:
-        params.update(_read_file(args.attack_config, "--attack-config", lambda t: yaml.safe_load(t) or {}, "YAML"))
+        params.update(_read_file(args.attack_config, "--attack-config", lambda t: strict_yaml_load(t) or {}, "YAML"))
     for text in args.param:
         key, equals, value = text.partition("=")
         if not key.strip() or not equals:
@@ -87,6 +97,7 @@ def _shards_build(args: argparse.Namespace) -> None:
             params[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
             params[key.strip()] = value  # not YAML: the text itself, for the attack to check
+    note_kept("build", f"nothing: the partial shard folder was removed, and {args.out} is as it was before")
     manifest = (build_and_upload if is_remote(args.out) else build_shards)(BuildSpec(
         source=args.source, test_source=args.test_source, out=args.out, attack=args.attack,
         poison_rate=args.poison_rate, target=args.target, mode=args.mode, seed=args.seed, image_size=args.image_size,
@@ -100,8 +111,13 @@ def _shards_build(args: argparse.Namespace) -> None:
 
 def _shards_preview(args: argparse.Namespace) -> None:
     from pipeline.jobs.preview import preview
+    from pipeline.support.outputs import check_output_file
 
-    print(f"wrote {preview(args.shards, args.out, args.count, args.pairs)}")
+    from pipeline.data.storage import DEFAULT_STREAM, with_overrides
+
+    check_output_file(args.out or str(Path(args.shards) / "preview.png"), "--out", "png")
+    stream = with_overrides(DEFAULT_STREAM, args.timeout, args.retries)
+    print(f"wrote {preview(args.shards, args.out, args.count, args.pairs, stream)}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -119,9 +135,12 @@ def _eval(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
     from pipeline.data.manifest import fingerprint, load_manifest
-    from pipeline.jobs.evaluate import check_baseline_shards, chosen_weights, evaluate_checkpoint
+    from pipeline.jobs.evaluate import check_baseline_shards, chosen_weights, evaluate_checkpoint, parse_reference
+    from pipeline.support.outputs import check_output_file
     from pipeline.support.report import add_der, baseline_figures, format_table, result_sets, write_json
 
+    if args.out:  # before any work; the baseline's metrics are an input, never overwritten
+        check_output_file(args.out, "--out", "metrics", inputs=[args.baseline_metrics] if args.baseline_metrics else [])
     baseline = None
     if args.baseline_metrics:  # read before the evaluation: a bad file is refused before any work
         baseline = _read_file(args.baseline_metrics, "--baseline-metrics", json.loads, "JSON")
@@ -130,11 +149,15 @@ def _eval(args: argparse.Namespace) -> None:
             raise ConfigError(f"--baseline-metrics {args.baseline_metrics} has no clean_acc and asr; give the "
                               "JSON `mcci eval --out` wrote for the undefended model")
     chosen_weights(args.checkpoint, args.weights)  # a kind the model lacks is refused before any work
+    for text in args.reference:  # and a reference that cannot be made
+        parse_reference(text)
     if baseline is not None:
-        check_baseline_shards(baseline, fingerprint(load_manifest(args.shards)),
-                              f"--baseline-metrics {args.baseline_metrics}", args.shards)
+        from pipeline.data.storage import DEFAULT_STREAM, with_overrides
+
+        here = fingerprint(load_manifest(args.shards, with_overrides(DEFAULT_STREAM, args.timeout, args.retries)))
+        check_baseline_shards(baseline, here, f"--baseline-metrics {args.baseline_metrics}", args.shards)
     results = evaluate_checkpoint(args.checkpoint, args.shards, args.reference, args.batch_size, args.num_workers,
-                                  args.device, args.weights, args.skip_bad_shards)
+                                  args.device, args.weights, args.skip_bad_shards, args.timeout, args.retries)
     if not PartialState().is_main_process:
         return
     if baseline is not None:
@@ -159,17 +182,27 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _audit(args: argparse.Namespace) -> None:
     from pipeline.jobs.audit import audit
+    from pipeline.support.outputs import check_output_folder
     from pipeline.support.report import format_audit
 
-    summary = audit(args.checkpoint, args.shards, args.out, args.split, args.batch_size, args.num_workers, args.device)
+    check_output_folder(args.out, "--out", {"audit.json": "audit", "samples.jsonl": "audit_samples",
+                                            "scores.png": "png"})
+    summary = audit(args.checkpoint, args.shards, args.out, args.split, args.batch_size, args.num_workers, args.device,
+                    args.timeout, args.retries)
     if summary is not None:  # the main process
         print(f"{format_audit(summary)}\nwrote {args.out}/audit.json, samples.jsonl (most suspicious first), scores.png")
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from pipeline.jobs.predict import predict
+    from pipeline.jobs.predict import image_files, predict
+    from pipeline.support.outputs import check_output_file
     from pipeline.support.report import write_text
+    from shards.sources import IMAGE_SUFFIXES
 
+    if args.out:  # before any work: never one of the images, nor a file of another kind
+        check_output_file(args.out, "--out", "predictions", inputs=image_files(args.images))
+        if Path(args.out).suffix.lower() in IMAGE_SUFFIXES:  # a later `mcci predict` of the folder would read it
+            raise ConfigError(f"--out {args.out} has an image's suffix; predictions are JSON lines: name a .jsonl file")
     records = predict(args.checkpoint, args.images, args.top_k, args.batch_size, args.device)
     if args.out:
         write_text(args.out, "".join(json.dumps(r) + "\n" for r in records))
@@ -181,7 +214,9 @@ def _predict(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from pipeline.jobs.export import export
+    from pipeline.support.outputs import check_output_folder
 
+    check_output_folder(args.out, "--out")
     config = export(args.checkpoint, args.out)
     print(f"wrote {args.out}: {config['architecture']}, {config['num_classes']} classes, input "
           f"{config['pretrained_cfg']['input_size']}; load with timm.create_model('local-dir:{args.out}', pretrained=True)")
@@ -190,16 +225,23 @@ def _export(args: argparse.Namespace) -> None:
 def _refit_head(args: argparse.Namespace) -> None:
     from pipeline.jobs.refit_head import describe, refit_head
 
+    from pipeline.support.outputs import check_output_folder
+
+    check_output_folder(args.out, "--out")
     penalty = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}  # else the job's default
     record = refit_head(args.checkpoint, args.shards, args.out, max_images=args.max_images, batch_size=args.batch_size,
-                        num_workers=args.num_workers, device=args.device, **penalty)
+                        num_workers=args.num_workers, device=args.device, timeout=args.timeout,
+                        retries=args.retries, **penalty)
     if record is not None:  # the main process
         print(describe(record, args.out))
 
 
 def _weights_import(args: argparse.Namespace) -> None:
     from pipeline.jobs.weights import import_weights
+    from pipeline.support.outputs import check_output_file
 
+    check_output_file(args.out, "--out", "safetensors")
+    check_output_file(Path(args.out).with_suffix(".json"), "--out's sidecar", "weights_sidecar")
     sidecar = import_weights(args.out, args.file)
     print(f"wrote {args.out} ({sidecar['tensors']} tensors, {sidecar['architecture']}, licence {sidecar['licence']}, "
           f"source sha256 {sidecar['source_sha256'][:12]}...) and its sidecar {Path(args.out).with_suffix('.json')}; "
@@ -208,8 +250,29 @@ def _weights_import(args: argparse.Namespace) -> None:
 
 def _quickstart(args: argparse.Namespace) -> None:
     from pipeline.jobs.quickstart import quickstart
+    from pipeline.support.outputs import check_output_folder
 
+    check_output_folder(args.out, "--out")
     quickstart(args.out, args.epochs)
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
+def _add_stream_args(parser: argparse.ArgumentParser) -> None:
+    """How shards are read by a job that is not `mcci train` (which has data.timeout and data.retries)."""
+    parser.add_argument("--timeout", type=_positive_seconds, help="seconds a remote read may wait for an answer "
+                        "before it is retried (default: the model's data.timeout, else 60)")
+    parser.add_argument("--retries", type=_at_least(0), help="retries of a remote read that fails or times out, each "
+                        "announced in a line (default: the model's data.retries, else 3)")
 
 
 def _add_compute_args(parser: argparse.ArgumentParser, batch_size: int, loader_workers: bool) -> None:
@@ -262,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default: SHARDS/preview.png)")
     p.add_argument("--count", type=_at_least(1), default=8, help="images per row")
     p.add_argument("--pairs", type=_at_least(1), default=256, help="clean/poisoned pairs averaged for the maps")
+    _add_stream_args(p)
     p.set_defaults(func=_shards_preview)
 
     t = sub.add_parser("train", help="train MCCI or the undefended baseline", parents=[debug],
@@ -283,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which weights to score (default: every set the model holds, its own first: a run that kept "
                         "an EMA is scored on its raw weights too)")
     _add_compute_args(e, batch_size=256, loader_workers=True)
+    _add_stream_args(e)
     e.set_defaults(func=_eval)
 
     a = sub.add_parser("audit", help="flag training samples whose label only the AIN explains (likely poisoned)",
@@ -292,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="folder for audit.json, samples.jsonl and scores.png")
     a.add_argument("--split", default="train", help="split to audit (default: train)")
     _add_compute_args(a, batch_size=256, loader_workers=True)
+    _add_stream_args(a)
     a.set_defaults(func=_audit)
 
     pr = sub.add_parser("predict", help="classify image files (MCCI models under mind control)", parents=[debug])
@@ -319,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or cv: chosen by 5-fold cross-validation on the trusted images")
     r.add_argument("--max-images", type=_at_least(1), help="refit on a seeded random N of the trusted images (default: all)")
     _add_compute_args(r, batch_size=256, loader_workers=True)
+    _add_stream_args(r)
     r.set_defaults(func=_refit_head)
 
     w = sub.add_parser("weights", help="pretrained weights").add_subparsers(dest="weights_command", required=True)
@@ -344,6 +411,11 @@ def main(argv: list[str] | None = None) -> None:
     """The one top-level handler: expected errors become one line (exit 2), anything else a traceback."""
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("MCCI_DEBUG", "0") not in ("", "0")
+    forget_kept()
+    # SIGTERM (a scheduler's stop, `kill`) ends the command as Ctrl-C does: cleanup runs and one line says what was
+    # kept; by default it would kill the process without a word (exit 143)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
     try:
         args.func(args)
         from pipeline.components.distributed import leave_process_group
@@ -355,8 +427,10 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         signum = getattr(e, "signum", signal.SIGINT)  # shards.errors.Interrupted carries SIGTERM
-        _fail(args, f"interrupted by {signal.Signals(signum).name}; outputs are written aside and renamed, so none "
-                    "is half-written", 128 + signum)
+        kept = kept_notes()
+        _fail(args, f"interrupted by {signal.Signals(signum).name}; "
+                    + (f"kept: {'; '.join(kept)}" if kept else "nothing was kept, and nothing is half-written: this "
+                       "command writes its outputs aside and renames them when complete"), 128 + signum)
     except USER_ERRORS as e:
         if debug:
             raise
@@ -366,6 +440,13 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(args, f"{e.filename or ''}: {e.strerror or e}; check the path, its permissions and free space", 2)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
 
 
 if __name__ == "__main__":

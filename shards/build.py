@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from shards.attacks import AttackContext, build_attack
 from shards.errors import Interrupted, ShardBuildError
+from shards.outputs import unwritable
 from shards.sources import LabelledImages, encode_image, load_source
 
 FORMAT_VERSION = 1
@@ -61,6 +62,8 @@ LOSSLESS_MAX_SIDE = 64
 MAX_IMAGE_SIZE = 1024  # px per side of a shard image: 3 MiB per decoded image, ViT-L/16 at 512 px fits easily
 # What a shard folder holds; anything else in a folder named by --overwrite is not ours to delete.
 OUTPUT_ENTRIES = {"manifest.json", "assets", "preview.png", *SPLITS}
+# bytes the longest hidden sibling adds to the output's name: ".NAME.partial-" + mkdtemp's 8 characters
+HIDDEN_NAME_EXTRA = len("..partial-") + 8
 
 
 @dataclass
@@ -141,8 +144,11 @@ def _check_output(spec: BuildSpec) -> None:
         if resolved == source or resolved in source.parents or source in resolved.parents:
             raise ShardBuildError(f"--out {out} is, holds or lies inside the source {source}; "
                                   "write the shards to a folder outside the source")
-    if out.exists() and not out.is_dir():
+    if os.path.exists(out) and not os.path.isdir(out):
         raise ShardBuildError(f"--out {out} is a file; name a folder for the shards")
+    problem = unwritable(out, HIDDEN_NAME_EXTRA)  # first: Path.exists raises on a name too long
+    if problem:
+        raise ShardBuildError(f"--out {out} cannot be written: {problem}")
     if not out.exists() or not any(out.iterdir()):
         return
     if not spec.overwrite:
@@ -150,11 +156,56 @@ def _check_output(spec: BuildSpec) -> None:
     if not (out / "manifest.json").is_file():
         raise ShardBuildError(f"--overwrite refused: {out} has no manifest.json, so `mcci shards build` did not "
                               "write it; choose another --out")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_ENTRIES)
+    foreign = _foreign_entries(out)
     if foreign:
         raise ShardBuildError(f"--overwrite refused: {out} also holds {', '.join(foreign[:5])}"
-                              f"{', ...' if len(foreign) > 5 else ''}, which a shard build did not write; "
-                              "move them away or choose another --out")
+                              f"{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}, which a shard build "
+                              "did not write; move them away or choose another --out")
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """What in an earlier build's folder that build did not write, as paths relative to ``out`` (top level first):
+    the old folder is deleted whole, so a user's notes in ``train/`` or a folder inside ``test-clean/`` must stop
+    the overwrite. Ours: the top-level names a build (or ``mcci shards preview``) writes, the shard files its
+    manifest lists in each split folder, and under ``assets/`` files whose sha256 the manifest records. Links are
+    never ours."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ShardBuildError(f"--overwrite refused: {out / 'manifest.json'} cannot be read ({e}), so what the "
+                              "earlier build wrote is unknown; move the folder away or choose another --out") from e
+    if not isinstance(manifest, dict):
+        manifest = {}
+    splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
+    attack = manifest.get("attack") if isinstance(manifest.get("attack"), dict) else {}
+    asset_hashes = set((attack.get("assets") or {}).values()) if isinstance(attack.get("assets"), dict) else set()
+    top, nested = [], []
+    for entry in sorted(out.iterdir()):
+        name = entry.name
+        if name not in OUTPUT_ENTRIES or entry.is_symlink():
+            top.append(name)
+        elif name in SPLITS:
+            if not entry.is_dir():
+                top.append(name)
+                continue
+            shards = (splits.get(name) or {}).get("shards") if isinstance(splits.get(name), dict) else None
+            listed = {Path(s["path"]).name for s in shards or [] if isinstance(s, dict) and isinstance(s.get("path"), str)
+                      and Path(s["path"]).parent.name == name}
+            nested += [f"{name}/{child.name}" for child in sorted(entry.iterdir())
+                       if child.name not in listed or child.is_symlink() or not child.is_file()]
+        elif name == "assets":
+            if not entry.is_dir():
+                top.append(name)
+                continue
+            for child in sorted(entry.rglob("*")):
+                if child.is_symlink() or (child.is_file() and
+                                          hashlib.sha256(child.read_bytes()).hexdigest() not in asset_hashes):
+                    nested.append(str(child.relative_to(out)))
+                elif child.is_dir() and not any(child.iterdir()):
+                    nested.append(str(child.relative_to(out)) + "/")
+        elif name in ("manifest.json", "preview.png") and not entry.is_file():
+            top.append(name)
+    return top + nested
 
 
 def _hidden(out: Path, kind: str) -> str:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import io
 import tarfile
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from shards.errors import ShardBuildError
 
@@ -19,6 +20,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".ti
 TEST_SPLIT_NAMES = ("test", "val", "validation")
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_SOURCES = ("digits",)
+ORIENTATION_TAG = 0x0112  # EXIF's Orientation
 
 
 @dataclass
@@ -55,8 +57,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says, as image viewers show it (a phone's portrait photo is stored
+    sideways with orientation 6); images without the tag are returned as they are."""
+    if image.getexif().get(ORIENTATION_TAG, 1) in (1, None):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def open_image_file(path: str) -> Image.Image:
-    """The file as 8-bit RGB; refuses unreadable files and images above Pillow's pixel limit
+    """The file as 8-bit RGB, upright (``upright``); refuses unreadable files and images above Pillow's pixel limit
     (``PIL.Image.MAX_IMAGE_PIXELS``), checked from the header before anything is decoded."""
     try:
         with Image.open(path) as im:
@@ -65,20 +75,34 @@ def open_image_file(path: str) -> Image.Image:
                 raise ShardBuildError(f"image {path} is {im.width}x{im.height} pixels, above the limit of {limit} "
                                       "(PIL.Image.MAX_IMAGE_PIXELS, Pillow's decompression-bomb guard); "
                                       "shrink or remove the file")
-            return to_rgb(im)
+            return to_rgb(upright(im))
     except ShardBuildError:
         raise
     except Exception as e:  # PIL raises several types for corrupt files
         raise ShardBuildError(f"cannot read image {path}: {e}; remove or replace the file") from e
 
 
+def class_name(folder: str) -> str:
+    """A class folder's name as a class name: Unicode NFC. macOS writes "café" decomposed (NFD), Linux keeps what it
+    is given, so the same class copied from two machines would otherwise be two classes that print alike."""
+    return unicodedata.normalize("NFC", folder)
+
+
 def _class_folder_split(root: Path) -> LabelledImages:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders: dict[str, str] = {}  # class name -> the folder's name on disk
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and not p.name.startswith("."):
+            name = class_name(p.name)
+            if name in folders:
+                raise ShardBuildError(f"class folders {root / folders[name]!r} and {root / p.name!r} are the same name "
+                                      f"{name!r} in two Unicode forms (NFC and NFD); merge them into one folder")
+            folders[name] = p.name
+    classes = sorted(folders)
     if not classes:
         raise ShardBuildError(f"{root} has no class folders; expected {root}/<class>/<image> files")
     refs, labels, empty = [], [], []
     for label, name in enumerate(classes):
-        files = sorted(str(f) for f in (root / name).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(str(f) for f in (root / folders[name]).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         refs += files
         labels += [label] * len(files)
         if not files:
@@ -86,7 +110,7 @@ def _class_folder_split(root: Path) -> LabelledImages:
     if not refs:
         raise ShardBuildError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if empty:  # a class without images would be a label the model can never learn or be tested on
-        raise ShardBuildError(f"class folder(s) {', '.join(str(root / n) for n in empty)} hold no images "
+        raise ShardBuildError(f"class folder(s) {', '.join(str(root / folders[n]) for n in empty)} hold no images "
                               f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder")
     return LabelledImages(classes, refs, np.asarray(labels, dtype=np.int64), open_image_file)
 
@@ -137,7 +161,7 @@ class HFImages:
         image = self._dataset()[int(index)][self.image_column]
         if not isinstance(image, Image.Image):
             image = Image.fromarray(np.asarray(image))
-        return to_rgb(image)
+        return to_rgb(upright(image))
 
     def __getstate__(self):
         return {"path": self.path, "split": self.split, "image_column": self.image_column, "_ds": None}

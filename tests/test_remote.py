@@ -561,3 +561,122 @@ def test_an_epoch_cut_inside_a_damaged_shard_is_refused(tiny_shards, tmp_path):
                           epoch=0, stream=stream_options(retries=0))
     with pytest.raises(ShardError, match="its sha256 differs"):
         list(loader)  # one batch of 4: the epoch ends inside the first shard read
+
+
+class PageHandler(FaultyHandler):
+    """Answers every GET with 200 and a page: what a login portal, a catch-all web app or a misconfigured proxy does."""
+    body = b"<!DOCTYPE html>\n<html><body>Please sign in</body></html>"
+
+    def do_GET(self) -> None:
+        self.gets.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+
+@contextmanager
+def serve_with(handler_class: type, folder: Path) -> Iterator[str]:
+    handler = type("Handler", (handler_class,), {"faults": {}, "gets": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_page_where_the_manifest_should_be_is_named(tmp_path):
+    with serve_with(PageHandler, tmp_path) as url:
+        with pytest.raises(ShardError, match=rf"{url}/manifest.json returned an HTML page \(it begins '<!DOCTYPE html> "
+                                             r"<html><body>Please sign in.*'\), not a manifest; check the URL"):
+            load_manifest(url, FAST)
+    (tmp_path / "manifest.json").write_text('{"error": "NoSuchBucket"}')
+    with pytest.raises(ShardError, match="holds JSON that is not a shard manifest"):
+        load_manifest(str(tmp_path), FAST)
+
+
+class BodyInsteadHandler(FaultyHandler):
+    """Serves the folder, except the shard ``SHARD``: 200 with an error page or JSON error body instead."""
+    replacement = b""
+
+    def do_GET(self) -> None:
+        if self.path != SHARD:
+            return super().do_GET()
+        self.gets.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.replacement)))
+        self.end_headers()
+        self.wfile.write(self.replacement)
+
+
+@pytest.mark.parametrize("body, what", [(b"<html><head><title>502 Bad Gateway</title></head></html>", "an HTML page"),
+                                        (b'{"Code": "SlowDown", "Message": "Reduce your request rate."}', "JSON")])
+def test_an_error_body_where_a_shard_should_be_is_named(tiny_shards, body, what):
+    handler = type("Handler", (BodyInsteadHandler,), {"replacement": body})
+    with serve_with(handler, tiny_shards) as url:
+        with pytest.raises(ShardError, match=rf"{url}{SHARD} returned {what} \(it begins .*\), not a tar shard; the "
+                                             "server answers with a page"):
+            read_split(url)
+
+
+def test_a_folder_where_a_file_should_be_is_final_at_once(tiny_shards, tmp_path, capsys):
+    folder = shutil.copytree(tiny_shards, tmp_path / "shards")
+    shard = sorted((folder / "train").glob("*.tar"))[1]
+    shard.unlink()
+    shard.mkdir()
+    with pytest.raises(ShardError, match=rf"{shard} is a folder, not a file"):
+        read_split(str(folder), stream=stream_options(retries=3, backoff=30.0))  # a retry would wait 30 s
+    (folder / "manifest.json").rename(folder / "m.json")
+    (folder / "manifest.json").mkdir()
+    with pytest.raises(ShardError, match=rf"{folder / 'manifest.json'} is a folder, not a file"):
+        load_manifest(str(folder), stream_options(retries=3, backoff=30.0))
+    assert "retry" not in capsys.readouterr().err
+
+
+@contextmanager
+def hanging_server() -> Iterator[str]:
+    """A server that accepts connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("job", ["eval", "audit", "refit-head", "preview"])
+def test_a_server_that_hangs_is_retried_aloud_then_named_under_the_jobs_timeout(trained, tmp_path, capsys, job):
+    """Every job that reads shards takes --timeout and --retries (the manifest read included), says each retry in a
+    line while it waits, and ends in one line naming the URL."""
+    with hanging_server() as url:
+        model = ["--checkpoint", str(trained / "mcci"), "--device", "cpu", "--shards", url]
+        argv = {"eval": ["eval", *model], "audit": ["audit", *model, "--out", str(tmp_path / "a")],
+                "refit-head": ["refit-head", *model, "--out", str(tmp_path / "r")],
+                "preview": ["shards", "preview", url, "--out", str(tmp_path / "p.png")]}[job]
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, "--timeout", "0.3", "--retries", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 2, err
+    assert err[0].startswith(f"warning: reading {url}/manifest.json failed (") and err[0].endswith("retry 1 of 1 in 1 s")
+    assert f"error: cannot read {url}/manifest.json after 2 attempts" in err[1] and "--timeout" in err[1]
+    assert not list(tmp_path.iterdir())

@@ -1,6 +1,7 @@
 import hashlib
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -204,6 +205,47 @@ def test_overwrite_replaces_only_an_earlier_build(tmp_path, layout, message):
     assert not [p for p in root.rglob(".*")]
 
 
+@pytest.mark.parametrize("plant, named", [
+    (lambda out: (out / "train" / "notes.txt").write_text("mine"), "train/notes.txt"),
+    (lambda out: (out / "test-clean" / "mine").mkdir(), "test-clean/mine"),
+    (lambda out: ((out / "test-clean" / "mine").mkdir(), (out / "test-clean" / "mine" / "a.txt").write_text("x")),
+     "test-clean/mine"),
+    (lambda out: (out / "trusted" / "trusted-000009.tar").write_bytes(b"not listed"), "trusted/trusted-000009.tar"),
+    (lambda out: (out / "train" / "link").symlink_to(out.parent / "data"), "train/link"),
+    (lambda out: ((out / "assets").mkdir(), (out / "assets" / "trigger.png").write_bytes(b"mine")),
+     "assets/trigger.png"),
+    (lambda out: ((out / "test-poisoned").rename(out / "moved"), (out / "test-poisoned").write_text("x")),
+     "moved, test-poisoned"),
+], ids=["file_in_split", "empty_folder_in_split", "folder_in_split", "unlisted_shard", "link_in_split",
+        "unrecorded_asset", "split_replaced_by_a_file"])
+def test_overwrite_refuses_a_build_folder_a_user_wrote_into(tmp_path, plant, named):
+    """Issue 29: only the top level was checked, so a user's file nested in a split folder was deleted with the old
+    build (exit 0). Anything the old build's manifest does not account for refuses the overwrite, named."""
+    tree = make_image_tree(tmp_path / "data", per_class=6, test_per_class=2)
+    out = tmp_path / "out"
+    build_shards(BuildSpec(source=str(tree), out=str(out), trusted_count=2), progress=False)
+    plant(out)
+    before = _tree_digest(tmp_path)
+    dirs_before = sorted(str(p) for p in out.rglob("*"))
+    with pytest.raises(ShardBuildError, match=rf"--overwrite refused: .*out also holds .*{re.escape(named)}.*which a "
+                                              "shard build did not write"):
+        build_shards(BuildSpec(source=str(tree), out=str(out), trusted_count=2, overwrite=True, seed=1),
+                     progress=False)
+    assert _tree_digest(tmp_path) == before and sorted(str(p) for p in out.rglob("*")) == dirs_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+
+
+def test_overwrite_refuses_a_build_folder_whose_manifest_is_unreadable(tmp_path):
+    tree = make_image_tree(tmp_path / "data", per_class=6, test_per_class=2)
+    out = tmp_path / "out"
+    build_shards(BuildSpec(source=str(tree), out=str(out), trusted_count=2), progress=False)
+    (out / "manifest.json").write_text("{broken")
+    before = _tree_digest(tmp_path)
+    with pytest.raises(ShardBuildError, match=r"manifest.json cannot be read .*what the earlier build wrote is unknown"):
+        build_shards(BuildSpec(source=str(tree), out=str(out), trusted_count=2, overwrite=True), progress=False)
+    assert _tree_digest(tmp_path) == before
+
+
 def test_a_failed_rebuild_leaves_the_old_output_intact(tmp_path):
     tree = make_image_tree(tmp_path / "data", per_class=6, test_per_class=2)
     out = tmp_path / "out"
@@ -278,7 +320,8 @@ def test_a_signal_stops_the_build_and_leaves_the_old_output(tmp_path, signum, wo
     assert proc.returncode == 128 + signum
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (f"mcci shards: error: interrupted by {'SIGINT' if signum == 2 else 'SIGTERM'}; "
-                                               "outputs are written aside and renamed, so none is half-written")
+                                               f"kept: nothing: the partial shard folder was removed, and {out} is as "
+                                               "it was before")
     assert _tree_digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
 
@@ -383,3 +426,81 @@ def test_crop_pct_keeps_the_centre_as_timms_eval_transform_does(tmp_path):
     m = build_shards(BuildSpec(source="embedded:digits", out=str(tmp_path / "o"), image_size=16, crop_pct=0.875,
                                max_train=200, max_test=50), progress=False)
     assert m["build"]["crop_pct"] == 0.875
+
+
+def _bomb_png(side: int) -> bytes:
+    """A small PNG whose header declares side x side 8-bit greyscale pixels (its data stops after a few rows: what
+    matters is that the reader refuses it from the header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = zlib.compress(b"\x00" * (side + 1) * 64)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def _replace_first_image(shards: Path, split: str, data: bytes) -> Path:
+    """The first image of the split's first shard replaced by ``data``, the manifest's size and sha256 updated (so
+    only the image is wrong)."""
+    path = sorted((shards / split).glob("*.tar"))[0]
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first = next(i for i, (m, _) in enumerate(members) if m.name.endswith(".png"))
+    with tarfile.open(path, "w") as tar:
+        for i, (member, body) in enumerate(members):
+            if i == first:
+                body = data
+                member.size = len(body)
+            tar.addfile(member, io.BytesIO(body))
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for record in manifest["splits"][split]["shards"]:
+        if record["path"] == f"{split}/{path.name}":
+            record.update(size=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_a_decompression_bomb_inside_a_shard_is_refused_from_its_header(tiny_shards, tmp_path, monkeypatch, decode):
+    """Issue 29: a 2 KB PNG in a shard that declares 144 megapixels was decoded in full (2.2 GB), then a traceback.
+    The shard reader applies Pillow's pixel limit from the header, as `mcci predict` does, and decodes nothing."""
+    import shutil
+
+    from PIL import ImageFile
+
+    from pipeline.data.loaders import eval_loader
+    from pipeline.data.manifest import load_manifest
+    from pipeline.support.errors import ShardError
+
+    shards = shutil.copytree(tiny_shards, tmp_path / "shards")
+    bomb = _bomb_png(12000)
+    assert len(bomb) < 20_000
+    shard = _replace_first_image(shards, "test-clean", bomb)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or real_load(im))
+    with pytest.raises(ShardError, match=rf"{shard.name}.* is a 12000x12000 pixel image, above the limit of "
+                                         rf"{Image.MAX_IMAGE_PIXELS} .*so it was not decoded"):
+        for _ in eval_loader(str(shards), load_manifest(str(shards)), "test-clean", 8, 0, decode=decode):
+            pass
+    assert (12000, 12000) not in decoded
+
+
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_each_image_read_from_a_shard_must_have_the_manifests_size(tiny_shards, tmp_path, decode):
+    import shutil
+
+    from pipeline.data.loaders import eval_loader
+    from pipeline.data.manifest import load_manifest
+    from pipeline.support.errors import ShardError
+
+    shards = shutil.copytree(tiny_shards, tmp_path / "shards")
+    small = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(small, format="PNG")
+    shard = _replace_first_image(shards, "train", small.getvalue())
+    with pytest.raises(ShardError, match=rf"sample 00000000 in .*{shard.name} is 16x16 px, but manifest.json says "
+                                         "image_size 32: the manifest was edited or the shard replaced"):
+        for _ in eval_loader(str(shards), load_manifest(str(shards)), "train", 8, 0, decode=decode):
+            pass

@@ -497,3 +497,54 @@ def test_a_run_resumed_from_an_epoch_end_checkpoint_logs_each_epochs_validation_
     validated = [(r["epoch"], r["mode"]) for r in map(json.loads, (tmp_path / "r" / "val_log.jsonl").read_text().splitlines())]
     assert validated == [(epoch, mode) for epoch in (1, 2, 3) for mode in ("own", "mind_control")]
     assert _steps_logged(tmp_path / "r") == list(range(1, 16))
+
+
+@pytest.mark.parametrize("edited_size", [64, 16])
+def test_a_manifest_that_disagrees_with_its_shards_is_refused_before_the_first_step(tiny_shards, tmp_path, capsys,
+                                                                                     edited_size):
+    """Issue 29: an edited image_size trained a whole epoch, then crashed with a traceback, saving neither a model
+    nor a checkpoint. The shards are checked against the manifest before the first step: one line, exit 2."""
+    import shutil
+
+    shards = shutil.copytree(tiny_shards, tmp_path / "shards")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    (shards / "manifest.json").write_text(json.dumps({**manifest, "image_size": edited_size}))
+    with pytest.raises(SystemExit) as stop:
+        main(["train", f"data.shards={shards}", f"train.out={tmp_path / 'run'}", *TINY_TRAIN])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"is 32x32 px, but manifest.json says image_size {edited_size}" in error[0], error
+    assert "rebuild the shards" in error[0]
+    log = tmp_path / "run" / "train_log.jsonl"
+    assert not (log.exists() and log.read_text().strip()) and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_failure_after_steps_keeps_them_and_the_resume_continues_without_repeating_a_step(tiny_shards, tmp_path,
+                                                                                           capsys):
+    """A test shard damaged at its end passes the first-sample check and fails the epoch's validation, after the
+    epoch's steps: the checkpoint of those steps is written before the error, the line says so, and once the shard
+    is restored the resumed run validates that epoch, goes on, and its logs hold each step once."""
+    import shutil
+
+    shards = shutil.copytree(tiny_shards, tmp_path / "shards")
+    shard = sorted((shards / "test-clean").glob("*.tar"))[-1]
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # tar padding: only the sha256 sees it, at the end
+    run = [f"data.shards={shards}", f"train.out={tmp_path / 'run'}", *TINY_TRAIN, "train.epochs=2"]
+    with pytest.raises(SystemExit) as stop:
+        main(["train", *run])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "sha256 differs" in error[0] and "test-clean" in error[0], error
+    assert "kept checkpoint step-00000005" in error[0] and "train.resume=true" in error[0], error
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    shard.write_bytes(good)
+    main(["train", *run, "train.resume=true"])
+    assert "resumed from step 5 (epoch 0)" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 11))
+    val = [json.loads(line) for line in (tmp_path / "run" / "val_log.jsonl").read_text().splitlines()]
+    assert sorted({(r["step"], r["weights"], r["mode"]) for r in val}) == sorted((r["step"], r["weights"], r["mode"])
+                                                                             for r in val)  # no row twice
+    assert {r["step"] for r in val} == {5, 10} and (tmp_path / "run" / "model" / "model.safetensors").is_file()

@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mcci_models.saved import CONFIG, MODEL_META, WEIGHTS
 from pipeline.support.config import Config, to_dict
+from pipeline.support.errors import CheckpointError
 
 TRAINER_STATE = "trainer.json"
 EMA_WEIGHTS = "ema.safetensors"
+STEP_FOLDER = re.compile(r"step-\d{8}")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -59,13 +63,62 @@ def save_model(directory: str | Path, state_dict: dict[str, torch.Tensor], cfg: 
     return final
 
 
-def checkpoint_dirs(out: str | Path) -> list[Path]:
-    """Complete training-state checkpoints, oldest first."""
+def step_folders(out: str | Path) -> list[Path]:
+    """Every ``checkpoints/step-NNNNNNNN`` folder, complete or not, oldest first (not ``.tmp`` ones being written,
+    nor the ``.old`` one a replacement moves aside)."""
     root = Path(out) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and (p / TRAINER_STATE).is_file())
+    return sorted(p for p in root.iterdir() if STEP_FOLDER.fullmatch(p.name) and p.is_dir())
+
+
+def checkpoint_dirs(out: str | Path) -> list[Path]:
+    """Training-state checkpoints written to the end (``trainer.json`` is written last), oldest first."""
+    return [p for p in step_folders(out) if (p / TRAINER_STATE).is_file()]
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types for a damaged header
+        return f"{path.name} is damaged ({' '.join(str(e).split())[:120]})"
+    return None
+
+
+def checkpoint_problem(folder: Path, num_processes: int) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, found without loading it: ``trainer.json`` missing,
+    unreadable or of another step, or one of the files Accelerate (or DeepSpeed) and the EMA wrote missing or with a
+    damaged header. What only loading finds (a truncated optimizer state) is caught when it is loaded."""
+    try:
+        trainer = json.loads((folder / TRAINER_STATE).read_text())
+    except FileNotFoundError:
+        return f"{TRAINER_STATE} is missing"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{TRAINER_STATE} is damaged ({e})"
+    if not isinstance(trainer, dict) or trainer.get("step") != int(folder.name.split("-")[1]) \
+            or not isinstance(trainer.get("epoch"), int):
+        return f"{TRAINER_STATE} does not record this checkpoint's step and epoch"
+    deepspeed = folder / "pytorch_model"
+    if deepspeed.is_dir():  # DeepSpeed's own layout: a folder of model and optimizer states per rank
+        names = [p.name for p in deepspeed.iterdir()]
+        for kind in ("model_states", "optim_states"):
+            if not any(kind in n for n in names):
+                return f"pytorch_model/ holds no {kind} file"
+    else:
+        problem = _safetensors_problem(folder / WEIGHTS)
+        if problem:
+            return problem
+        if not (folder / "optimizer.bin").is_file():
+            return "optimizer.bin is missing"
+    missing = [f"random_states_{i}.pkl" for i in range(num_processes) if not (folder / f"random_states_{i}.pkl").is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    if (trainer.get("run") or {}).get("train.ema_decay", 0) > 0:
+        return _safetensors_problem(folder / EMA_WEIGHTS)
+    return None
 
 
 def save_training_state(accelerator, out: str | Path, trainer_state: dict[str, Any], keep: int,
@@ -97,3 +150,37 @@ def load_training_state(accelerator, checkpoint: Path) -> tuple[dict[str, Any], 
     accelerator.load_state(str(checkpoint))
     ema = load_file(str(checkpoint / EMA_WEIGHTS)) if (checkpoint / EMA_WEIGHTS).is_file() else None
     return json.loads((checkpoint / TRAINER_STATE).read_text()), ema
+
+
+def load_newest_checkpoint(accelerator, out: str | Path, check_run: Callable[[dict[str, Any] | None], None],
+                           report: Callable[[str], Any] = print,
+                           ) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor] | None] | None:
+    """The newest checkpoint that is complete and loads, restored (``load_training_state``): a damaged newest one
+    falls back to the previous, saying which was skipped and why; None when there is no checkpoint folder at all.
+    ``check_run`` sees each candidate's recorded run first (a changed config is refused there, not skipped). When
+    checkpoints exist but none can be used the run stops: it never restarts from step 0 by itself. Under several
+    processes a load that fails is not retried on an older checkpoint (a rank could be left with another's state)."""
+    folders = step_folders(out)
+    if not folders:
+        return None
+    skipped = []
+    for folder in reversed(folders):
+        problem = checkpoint_problem(folder, accelerator.num_processes)
+        if problem is None:
+            check_run(json.loads((folder / TRAINER_STATE).read_text()).get("run"))
+            try:
+                saved, ema = load_training_state(accelerator, folder)
+            except Exception as e:  # noqa: BLE001 - torch, safetensors and DeepSpeed raise their own types
+                problem = f"it does not load ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+                if accelerator.num_processes > 1:
+                    raise CheckpointError(f"cannot resume from {folder}: {problem}; move it out of "
+                                          f"{folder.parent} to resume from the one before") from e
+        if problem is None:
+            if skipped:
+                report(f"warning: skipped the newer checkpoint(s) {'; '.join(skipped)}; resuming from {folder.name} "
+                       "(they are replaced when training reaches their step)")
+            return folder, saved, ema
+        skipped.append(f"{folder.name}: {problem}")
+    raise CheckpointError(f"cannot resume: no checkpoint in {Path(out) / 'checkpoints'} can be used "
+                          f"({'; '.join(skipped)}); restore them from a copy, or start a new run with another "
+                          "train.out")

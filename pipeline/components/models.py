@@ -10,10 +10,12 @@ from accelerate import PartialState
 from torch import nn
 
 from mcci_models import ain_in_chans, create_model_from_config, fit_ain, load_saved_model, sfrn_data_config
+from mcci_models.saved import CONFIG, model_folder
 from pipeline.data.manifest import fingerprint, load_manifest
+from pipeline.data.storage import DEFAULT_STREAM, StreamOptions
 from pipeline.data.transforms import InputTransform, build_mixup
 from pipeline.support.config import Config, from_dict, to_dict
-from pipeline.support.errors import ConfigError, JobError
+from pipeline.support.errors import CheckpointError, ConfigError, JobError
 
 
 def fill_input_stats(cfg: Config) -> None:
@@ -81,13 +83,20 @@ def load_trained(checkpoint: str | Path, device: torch.device, weights: str | No
     """A saved model in eval mode on ``device``, its validated config and its metadata; ``weights``: ``raw`` or
     ``ema`` (None: the model's own)."""
     model, config, meta = load_saved_model(checkpoint, device, weights)
-    return model, from_dict(config), meta
+    try:
+        cfg = from_dict(config)
+    except ConfigError as e:  # an edited config.yaml: name the file, not only the key
+        raise CheckpointError(f"{model_folder(checkpoint) / CONFIG}: {e}; the model folder was edited or damaged: copy "
+                              "it again from the run that saved it") from e
+    return model, cfg, meta
 
 
-def load_matching_manifest(shards: str, meta: dict[str, Any], same_data: bool = False) -> dict[str, Any]:
-    """The shard folder's manifest, if its classes (names, in order) and image size are the model's;
-    ``same_data``: and it is the very data set the model was trained on (its fingerprint)."""
-    manifest = load_manifest(shards)
+def load_matching_manifest(shards: str, meta: dict[str, Any], same_data: bool = False,
+                           stream: StreamOptions = DEFAULT_STREAM) -> dict[str, Any]:
+    """The shard folder's manifest (read with the job's ``stream`` settings: its timeout applies to the manifest too),
+    if its classes (names, in order) and image size are the model's; ``same_data``: and it is the very data set the
+    model was trained on (its fingerprint)."""
+    manifest = load_manifest(shards, stream)
     if manifest["num_classes"] != meta["num_classes"] or manifest["image_size"] != meta["image_size"]:
         raise JobError(f"{shards} has {manifest['num_classes']} classes at {manifest['image_size']} px; the model "
                        f"expects {meta['num_classes']} at {meta['image_size']} px")

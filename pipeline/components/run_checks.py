@@ -59,9 +59,10 @@ def check_data_for_run(cfg: Config, manifest: dict[str, Any], mixed_precision: s
                           f"epoch and train.checkpoint_every={cfg.train.checkpoint_every}; choose a divisor of both")
     if cfg.train.defense == "mcci":
         available = manifest["splits"].get(cfg.reference.source, {}).get("count", 0)
-        if available == 0:
-            raise ShardError(f"reference.source={cfg.reference.source!r} has no images in {cfg.data.shards}; build "
-                             "shards with --trusted-count > 0 or set reference.source=train")
+        if available == 0:  # the fix depends on the split: only the trusted one is sized by --trusted-count
+            fix = ("build shards with --trusted-count > 0 or set reference.source=train" if cfg.reference.source ==
+                   "trusted" else "set reference.source to a split that has images (trusted, train, test-clean)")
+            raise ShardError(f"reference.source={cfg.reference.source!r} has no images in {cfg.data.shards}; {fix}")
         if cfg.reference.count > available:
             raise ConfigError(f"reference.count={cfg.reference.count} is more than the {available} images of "
                               f"reference.source={cfg.reference.source!r}; set reference.count<={available}")

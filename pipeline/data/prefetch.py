@@ -39,6 +39,10 @@ def decode_batch(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
     except RuntimeError as e:
         raise ShardError(f"cannot decode an image of samples {batch.indices.tolist()[:8]}...: {e}; check the shards' "
                          "sha256 against manifest.json and rebuild them (`mcci shards build`)") from e
+    shapes = sorted({tuple(image.shape) for image in images})
+    if len(shapes) > 1:  # the loader checked each header against the manifest; this is what was decoded
+        raise ShardError(f"the images of samples {batch.indices.tolist()[:8]}... decode to different sizes {shapes}; "
+                         "check the shards' sha256 against manifest.json and rebuild them (`mcci shards build`)")
     return torch.stack(images).to(device, non_blocking=True)
 
 

@@ -20,6 +20,7 @@ never from the config file. What fsspec does not do is written here, small:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import multiprocessing
 import os
@@ -92,6 +93,13 @@ class StreamOptions:
 DEFAULT_STREAM = StreamOptions.from_config(DataConfig())
 
 
+def with_overrides(options: StreamOptions, timeout: float | None = None, retries: int | None = None) -> StreamOptions:
+    """``options`` with a job's ``--timeout`` / ``--retries`` where given (eval, audit, refit-head and preview read
+    shards with the model's ``data.*`` settings, or the defaults, unless told otherwise)."""
+    changes = {k: v for k, v in (("timeout", timeout), ("retries", retries)) if v is not None}
+    return dataclasses.replace(options, **changes) if changes else options
+
+
 def join(location: str, name: str) -> str:
     return location.rstrip("/") + "/" + name
 
@@ -144,15 +152,22 @@ def with_retries(url: str, options: StreamOptions, attempt: Callable[[], T]) -> 
         except PermissionError as e:
             raise ShardError(f"access to {url} denied ({e}); check the store's credentials in the environment "
                              "(AWS_PROFILE, AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS)") from e
+        except IsADirectoryError as e:  # final: a folder stays a folder however often it is read
+            raise ShardError(f"{url} is a folder, not a file; point at the shard folder made by `mcci shards build` "
+                             "(the one holding manifest.json)") from e
         except Exception as e:  # noqa: BLE001 - every store raises its own types; all of them are retried
             if _is_missing(e):
                 raise MissingFile(f"{url} does not exist; it is listed in the shard folder, so copy or upload "
                                   "the folder again (`mcci shards build`)") from e
+            problem = f"{type(e).__name__}: {' '.join(str(e).split()) or 'no answer'}"
             if i == options.retries:
-                raise ShardError(f"cannot read {url} after {options.retries + 1} attempts: {type(e).__name__}: "
-                                 f"{' '.join(str(e).split())}; check the server, or raise data.retries / "
-                                 "data.timeout") from e
-            time.sleep(options.backoff * 2 ** i)
+                raise ShardError(f"cannot read {url} after {options.retries + 1} attempts: {problem}; check the "
+                                 "server, or raise data.retries / data.timeout (--retries / --timeout)") from e
+            delay = options.backoff * 2 ** i
+            # said while it happens: a slow or failing server otherwise looks like a job that hangs
+            print(f"warning: reading {url} failed ({problem[:200]}); retry {i + 1} of {options.retries} in "
+                  f"{delay:g} s", file=sys.stderr, flush=True)
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -162,6 +177,18 @@ def read_bytes(url: str, options: StreamOptions) -> bytes:
         with open_url(url, options.timeout) as f:
             return f.read()
     return with_retries(url, options, attempt)
+
+
+def page_instead(data: bytes) -> str | None:
+    """What a body that should be a tar or a manifest is instead, from its first bytes: an HTML page or a JSON error
+    body (a shard's tar never starts with either: its first member is named by a sample key), else None."""
+    head = data[:2048].lstrip()
+    shown = " ".join(head[:60].decode(errors="replace").split())
+    if head[:1] == b"<":
+        return f"an HTML page (it begins {shown!r})"
+    if head[:1] in (b"{", b"["):
+        return f"JSON (it begins {shown!r})"
+    return None
 
 
 def damaged(url: str, problem: str) -> ShardError:
@@ -184,6 +211,11 @@ class _Check:
         self.pos = 0
 
     def update(self, data: bytes) -> None:
+        if self.pos == 0 and data:
+            page = page_instead(data)
+            if page:  # a 200 answer that is not the file: no retry or hash check will say this as plainly
+                raise ShardError(f"{self.url} returned {page}, not a tar shard; the server answers with a page (an "
+                                 "error, a login or a folder listing): check the URL and the server")
         self.advance(len(data))
         if self.hash is not None:
             self.hash.update(data)

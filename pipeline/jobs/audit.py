@@ -30,7 +30,7 @@ from mcci_models import MCCI
 from pipeline.components.models import build_transform, job_device, load_matching_manifest, load_trained
 # the scores and the rule live in components, where the isolate training variant uses them too
 from pipeline.components.scoring import COLUMNS, FLOAT_COLUMNS, flagged_rows, score_samples, summarise
-from pipeline.data.storage import StreamOptions
+from pipeline.data.storage import StreamOptions, with_overrides
 from pipeline.support.errors import JobError
 from pipeline.support.plots import plt, save_figure
 from pipeline.support.report import write_json, write_text
@@ -52,7 +52,8 @@ def plot_scores(rows: torch.Tensor, path: Path) -> None:
 
 
 def audit(checkpoint: str | Path, shards: str, out: str | Path, split: str = "train", batch_size: int = 256,
-          num_workers: int = 2, device: str | None = None) -> dict[str, Any] | None:
+          num_workers: int = 2, device: str | None = None, timeout: float | None = None,
+          retries: int | None = None) -> dict[str, Any] | None:
     """Score every sample of ``split`` once (across ranks under torchrun); the main process writes the
     outputs and returns the summary, other ranks return None."""
     state = PartialState(cpu=device == "cpu")
@@ -61,11 +62,11 @@ def audit(checkpoint: str | Path, shards: str, out: str | Path, split: str = "tr
     if not isinstance(model, MCCI):
         raise JobError(f"{checkpoint} is an undefended model (train.defense={cfg.train.defense}); the audit needs "
                         "an MCCI model, whose AIN is what separates poisoned samples")
-    manifest = load_matching_manifest(shards, meta, same_data=True)  # the audit is of the training set
+    stream = with_overrides(StreamOptions.for_scoring(cfg.data), timeout, retries)  # hashed, none skipped
+    manifest = load_matching_manifest(shards, meta, same_data=True, stream=stream)  # the audit is of the training set
     if split not in manifest["splits"]:
         raise JobError(f"{shards} has no split {split!r}; splits: {sorted(manifest['splits'])}")
-    rows = score_samples(model, shards, manifest, split, build_transform(cfg), dev, batch_size, num_workers,
-                         StreamOptions.for_scoring(cfg.data))  # every sample scored, or an error: none skipped
+    rows = score_samples(model, shards, manifest, split, build_transform(cfg), dev, batch_size, num_workers, stream)
     rows = torch.cat(gather_object([rows]))
     if not state.is_main_process:
         return None

@@ -8,22 +8,40 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import reduce
 
-from mcci_models import MCCI
+from mcci_models import MCCI, REFERENCE_KINDS
 from mcci_models.saved import WEIGHT_KINDS, read_model_description, weight_kinds
 from pipeline.components.evaluation import evaluate, set_model_reference
 from pipeline.components.models import build_transform, job_device, load_matching_manifest, load_trained
 from pipeline.data.manifest import fingerprint
-from pipeline.data.storage import StreamOptions
+from pipeline.data.storage import StreamOptions, with_overrides
 from pipeline.support.errors import JobError
 
 REFERENCE_HELP = "KIND:SOURCE:COUNT, e.g. feature:trusted:100 or spectrum:test-clean:100 (COUNT 1 = one image)"
 
 
-def parse_reference(text: str) -> tuple[str, str, int]:
+REFERENCE_SOURCES = ("trusted", "train", "test-clean")  # splits of clean images (reference.source's choices)
+
+
+def parse_reference(text: str, manifest: dict[str, Any] | None = None, shards: str = "") -> tuple[str, str, int]:
+    """(kind, source, count) of a ``--reference``; refused before any work when the kind is unknown (it was a
+    traceback), the source is not a split of clean images (test-poisoned would make triggered images the "clean"
+    reference, silently) or, given the ``manifest``, the split holds no image (with the fix for that split)."""
     parts = text.split(":")
     if len(parts) != 3 or not parts[2].isdigit() or int(parts[2]) < 1:
         raise JobError(f"--reference {text!r} must be {REFERENCE_HELP}")
-    return parts[0], parts[1], int(parts[2])
+    kind, source, count = parts[0], parts[1], int(parts[2])
+    if kind not in REFERENCE_KINDS:
+        raise JobError(f"--reference {text!r}: unknown kind {kind!r}; use {' or '.join(REFERENCE_KINDS)} "
+                       f"({REFERENCE_HELP})")
+    if source not in REFERENCE_SOURCES:
+        why = " (it holds triggered images: a reference must be clean)" if source == "test-poisoned" else ""
+        raise JobError(f"--reference {text!r}: source {source!r} is not a split of clean images{why}; use "
+                       f"{', '.join(REFERENCE_SOURCES)}")
+    if manifest is not None and not manifest["splits"].get(source, {}).get("count", 0):
+        fix = ("build the shards with --trusted-count N, or use another source" if source == "trusted"
+               else "use another source")
+        raise JobError(f"--reference {text!r}: {shards} has no {source} images; {fix}")
+    return kind, source, count
 
 
 def check_baseline_shards(baseline: dict[str, Any], shards_fingerprint: str, baseline_name: str, shards: str,
@@ -52,7 +70,8 @@ def chosen_weights(checkpoint: str | Path, weights: str | None) -> list[str]:
 
 def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[str] = (),
                         batch_size: int = 256, num_workers: int = 2, device: str | None = None,
-                        weights: str | None = None, skip_bad_shards: bool = False) -> dict[str, Any]:
+                        weights: str | None = None, skip_bad_shards: bool = False, timeout: float | None = None,
+                        retries: int | None = None) -> dict[str, Any]:
     """Metrics of a saved model: ``{"baseline": {...}}`` or ``{"mcci": {"own", "mind_control"}}``, with
     ``"weights"`` naming the weights they are of; with ``references``, also mind control under each alternative
     reference (the stored one is kept). ``weights`` as ``chosen_weights``: with more than one kind the top level is
@@ -68,10 +87,12 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[st
     counts are summed, so every sample counts once; every rank returns the same metrics.
     """
     kinds = chosen_weights(checkpoint, weights)
+    for text in references:  # a reference that cannot be made is refused before any work
+        parse_reference(text)
     state = PartialState(cpu=device == "cpu")
     dev = job_device(state, device)
     by_weights = {kind: _evaluate_weights(checkpoint, kind, shards, references, batch_size, num_workers, dev,
-                                          skip_bad_shards) for kind in kinds}
+                                          skip_bad_shards, timeout, retries) for kind in kinds}
     results = dict(by_weights[kinds[0]])
     if len(kinds) > 1:
         results["by_weights"] = by_weights
@@ -79,11 +100,13 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, references: list[st
 
 
 def _evaluate_weights(checkpoint: str | Path, kind: str, shards: str, references: list[str], batch_size: int,
-                      num_workers: int, dev, skip_bad_shards: bool) -> dict[str, Any]:
+                      num_workers: int, dev, skip_bad_shards: bool, timeout: float | None = None,
+                      retries: int | None = None) -> dict[str, Any]:
     model, cfg, meta = load_trained(checkpoint, dev, kind)
-    manifest = load_matching_manifest(shards, meta)
+    # the run's verification and retry settings, with the job's --timeout / --retries; the manifest too
+    stream = with_overrides(StreamOptions.for_scoring(cfg.data, skip_bad_shards), timeout, retries)
+    manifest = load_matching_manifest(shards, meta, stream=stream)
     transform = build_transform(cfg)
-    stream = StreamOptions.for_scoring(cfg.data, skip_bad_shards)  # the run's retries and cache, not its skipping
 
     def run(modes: tuple[str, ...] | None = None) -> dict[str, Any]:
         return evaluate(model, shards, manifest, transform, dev, batch_size, num_workers, modes=modes,
@@ -95,6 +118,8 @@ def _evaluate_weights(checkpoint: str | Path, kind: str, shards: str, references
         return {"baseline": run(), "weights": kind, "data": {**data, "skipped": _skipped(stream, dev)}}
     results: dict[str, Any] = {"mcci": run(), "weights": kind, "reference": meta["reference"], "data": data}
     stored = (model.reference_feature.clone(), model.reference_spectrum.clone())
+    for text in references:  # every one against these shards, before the first evaluation
+        parse_reference(text, manifest, shards)
     alternatives = {}
     for text in references:
         ref_kind, source, count = parse_reference(text)

@@ -26,7 +26,7 @@ from pipeline.data.manifest import fingerprint, load_manifest
 from pipeline.jobs.evaluate import check_baseline_shards, evaluate_checkpoint
 from pipeline.jobs.train import train
 from pipeline.support.config import load_config, to_dict
-from pipeline.support.errors import JobError
+from pipeline.support.errors import JobError, note_kept
 from pipeline.support.report import add_der, combine_results, write_json
 from shards.build import BuildSpec, build_shards
 
@@ -121,6 +121,7 @@ def run_experiment(out: str | Path, shards: BuildSpec, config: str | None = None
               "(delete metrics.json to evaluate again)", flush=True)
         return {**json.loads((out / "metrics.json").read_text()), "seed": seed}  # older files lack it
     start = time.perf_counter()
+    note_kept(f"experiment {out}", f"the finished stages in {out} (the same command continues from them)")
     shard_dir = out / "shards"
     if not (shard_dir / "manifest.json").exists():
         build_shards(dataclasses.replace(shards, out=str(shard_dir)))

@@ -12,12 +12,16 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 from mcci_models import MCCI, default_device
 from pipeline.components.models import build_transform, load_trained
 from pipeline.support.errors import JobError
 from shards.build import fit_image
 from shards.sources import IMAGE_SUFFIXES, open_image_file
+
+MAX_ENLARGEMENT = 8  # how much predict enlarges an image at most (a 28 px image for a 224 px model)
+MIN_SIDE = 2
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -34,6 +38,17 @@ def image_files(paths: list[str]) -> list[Path]:
     if not files:
         raise JobError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {', '.join(paths)}")
     return files
+
+
+def _readable_image(path: Path, size: int) -> Image.Image:
+    """The file as the shard builder reads one (upright, RGB), refused when it is so much smaller than the model's
+    input that enlarging it would invent what the model classifies (a 1x1 image is one colour at any size)."""
+    image = open_image_file(str(path))
+    smallest = max(MIN_SIDE, size // MAX_ENLARGEMENT)
+    if min(image.size) < smallest:
+        raise JobError(f"image {path} is {image.width}x{image.height} px; the model sees {size} px, and an image under "
+                       f"{smallest} px per side would be enlarged more than {MAX_ENLARGEMENT}x: give a larger image")
+    return image
 
 
 def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
@@ -55,7 +70,7 @@ def predict(checkpoint: str | Path, paths: list[str], top_k: int = 1, batch_size
     transform = build_transform(cfg, spectra=False)  # mind control: no spectrum to compute
     records = []
     for chunk in _chunks(image_files(paths), batch_size):
-        pixels = np.stack([fit_image(open_image_file(str(f)), size, meta.get("crop_pct", 1.0)) for f in chunk])
+        pixels = np.stack([fit_image(_readable_image(f, size), size, meta.get("crop_pct", 1.0)) for f in chunk])
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(dev)
         probabilities = model(transform(images, train=False).images).float().softmax(1)  # MCCI: mind control
         top = probabilities.topk(top_k, dim=1)

@@ -16,18 +16,21 @@ import torch
 from pipeline.data.batches import Batch
 from pipeline.data.loaders import eval_loader
 from pipeline.data.manifest import load_manifest
+from pipeline.data.storage import DEFAULT_STREAM, StreamOptions
 from pipeline.data.spectra import spectrum
 from pipeline.support.plots import plt, save_figure
 
 
-def _read(location: str, manifest: dict[str, Any], split: str, limit: int | None) -> Batch:
+def _read(location: str, manifest: dict[str, Any], split: str, limit: int | None,
+          stream: StreamOptions = DEFAULT_STREAM) -> Batch:
     return Batch.concatenate(list(eval_loader(location, manifest, split, 256, num_workers=0, limit=limit,
-                                              by_rank=False)))
+                                              by_rank=False, stream=stream)))
 
 
-def _poisoned_training_samples(location: str, manifest: dict[str, Any], count: int) -> list[tuple[np.ndarray, int, int]]:
+def _poisoned_training_samples(location: str, manifest: dict[str, Any], count: int,
+                               stream: StreamOptions = DEFAULT_STREAM) -> list[tuple[np.ndarray, int, int]]:
     found = []
-    for batch in eval_loader(location, manifest, "train", 256, num_workers=0, by_rank=False):
+    for batch in eval_loader(location, manifest, "train", 256, num_workers=0, by_rank=False, stream=stream):
         for image, label, orig, poisoned in zip(batch.images, batch.labels, batch.orig_labels, batch.poisoned):
             if poisoned:
                 found.append((image.permute(1, 2, 0).numpy(), int(orig), int(label)))
@@ -36,21 +39,23 @@ def _poisoned_training_samples(location: str, manifest: dict[str, Any], count: i
     return found[:count]
 
 
-def paired_test_images(location: str, manifest: dict[str, Any], pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+def paired_test_images(location: str, manifest: dict[str, Any], pairs: int,
+                       stream: StreamOptions = DEFAULT_STREAM) -> tuple[torch.Tensor, torch.Tensor]:
     """(clean, poisoned) uint8 [N, 3, H, W] of the same test images, for the first ``pairs`` triggered ones."""
-    poisoned = _read(location, manifest, "test-poisoned", pairs)
+    poisoned = _read(location, manifest, "test-poisoned", pairs, stream)
     # test-clean holds every test image in source order, so image i is sample i.
-    clean = _read(location, manifest, "test-clean", int(poisoned.indices.max()) + 1)
+    clean = _read(location, manifest, "test-clean", int(poisoned.indices.max()) + 1, stream)
     position = {int(i): k for k, i in enumerate(clean.indices)}
     return clean.images[[position[int(i)] for i in poisoned.indices]], poisoned.images
 
 
-def preview(location: str, out: str | Path | None = None, count: int = 8, pairs: int = 256) -> Path:
+def preview(location: str, out: str | Path | None = None, count: int = 8, pairs: int = 256,
+            stream: StreamOptions = DEFAULT_STREAM) -> Path:
     """Write the preview PNG (default ``<location>/preview.png``) and return its path."""
-    manifest = load_manifest(location)
+    manifest = load_manifest(location, stream)
     out = Path(out) if out else Path(location) / "preview.png"
-    clean, poisoned = paired_test_images(location, manifest, pairs)
-    train = _poisoned_training_samples(location, manifest, count)
+    clean, poisoned = paired_test_images(location, manifest, pairs, stream)
+    train = _poisoned_training_samples(location, manifest, count, stream)
     diff = (poisoned.float() - clean.float()).abs()
     spectral = (spectrum(poisoned.float()).abs() - spectrum(clean.float()).abs()).mean((0, 1)).numpy()
     n = min(count, len(clean))

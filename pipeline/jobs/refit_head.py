@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from mcci_models.saved import MODEL_DIR
+from mcci_models.saved import MODEL_DIR, read_model_description
 from pipeline.components.checkpoint import save_model
 from pipeline.components.head_refit import (accuracy, choose_weight_decay, fit_head, layer_inputs,
                                             read_head, refit_layer, write_head)
 from pipeline.components.models import build_transform, job_device, load_matching_manifest, load_trained
 from pipeline.data.loaders import eval_loader
-from pipeline.data.storage import StreamOptions
+from pipeline.data.storage import StreamOptions, with_overrides
 from pipeline.support.errors import JobError
 from pipeline.support.report import write_json
 
@@ -48,9 +48,19 @@ def _check_trusted(manifest: dict[str, Any], shards: str) -> None:
                        "held out as the defender's trusted set, default 100) and refit on those")
 
 
+def _check_every_class(labels: torch.Tensor, meta: dict[str, Any], images: str, fix: str) -> None:
+    """A refit on images that lack a class would learn never to predict it."""
+    missing = sorted(set(range(meta["num_classes"])) - set(labels.tolist()))
+    if missing:
+        names = [meta["class_names"][k] for k in missing]
+        raise JobError(f"{images} has no image of {len(missing)} class(es) ({', '.join(names[:5])}"
+                       f"{', ...' if len(names) > 5 else ''}); a refit on it would learn never to predict them: {fix}")
+
+
 def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_decay: float | str = DEFAULT_WEIGHT_DECAY,
                max_images: int | None = None, batch_size: int = 256, num_workers: int = 2,
-               device: str | None = None) -> dict[str, Any] | None:
+               device: str | None = None, timeout: float | None = None,
+               retries: int | None = None) -> dict[str, Any] | None:
     """Refit on ``shards``' trusted split and write ``out``; ``weight_decay`` ``"cv"``: chosen by 5-fold
     cross-validation from ``WEIGHT_DECAYS``; ``max_images``: a seeded random subset of that many trusted images
     (to measure how many a refit needs). The main process does the work and returns the record; other ranks
@@ -63,27 +73,31 @@ def refit_head(checkpoint: str | Path, shards: str, out: str | Path, weight_deca
         raise JobError(f"{out} is not empty; choose a new --out (the refitted model is a model of its own)")
     if max_images is not None and max_images < 1:
         raise JobError(f"--max-images must be at least 1, got {max_images}")
+    classes = read_model_description(checkpoint)[1]["num_classes"]
+    if max_images is not None and max_images < classes:  # before any work: it cannot hold an image of each class
+        raise JobError(f"--max-images {max_images} is fewer than the model's {classes} classes: a refit needs an image "
+                       f"of each; raise --max-images to at least {classes}")
     state = PartialState(cpu=device == "cpu")
     if not state.is_main_process:
         return None
     start = time.perf_counter()
     dev = job_device(state, device)
     model, cfg, meta = load_trained(checkpoint, dev)
-    manifest = load_matching_manifest(shards, meta)
+    stream = with_overrides(StreamOptions.for_scoring(cfg.data), timeout, retries)  # every trusted image, or an error
+    manifest = load_matching_manifest(shards, meta, stream=stream)
     _check_trusted(manifest, shards)
-    loader = eval_loader(shards, manifest, SPLIT, batch_size, num_workers, by_rank=False,
-                         stream=StreamOptions.for_scoring(cfg.data))  # every trusted image, or an error
+    loader = eval_loader(shards, manifest, SPLIT, batch_size, num_workers, by_rank=False, stream=stream)
     data = layer_inputs(model, loader, build_transform(cfg, spectra=False), dev)
-    if max_images is not None and max_images < len(data["labels"]):
+    _check_every_class(data["labels"], meta, f"the trusted split of {shards}", "build shards with a larger "
+                       "--trusted-count")
+    total = len(data["labels"])
+    if max_images is not None and max_images < total:
         # a seeded random subset: shards keep their source's order, which is by class for a folder tree
         keep = torch.randperm(len(data["labels"]), generator=torch.Generator().manual_seed(0))[:max_images]
         data = {k: v if k == "constant" else v[keep] for k, v in data.items()}
-    missing = sorted(set(range(meta["num_classes"])) - set(data["labels"].tolist()))
-    if missing:
-        names = [meta["class_names"][k] for k in missing]
-        raise JobError(f"the trusted split of {shards} has no image of {len(missing)} class(es) ({', '.join(names[:5])}"
-                       f"{', ...' if len(names) > 5 else ''}); a refit on it would learn never to predict them: build "
-                       "shards with a larger --trusted-count")
+        # the split holds every class, so a class missing now is the subset's doing, and so is the fix
+        _check_every_class(data["labels"], meta, f"--max-images {max_images} (a seeded random {max_images} of the "
+                           f"{total} trusted images kept)", "raise --max-images")
     layer, width = refit_layer(model)
     trained = read_head(layer, width, data["constant"])
     features, labels = data["features"], data["labels"]

@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from mcci_models import MCCI, sfrn_data_config
 from mcci_models.flops import forward_flops
-from mcci_models.saved import MODEL_DIR, RAW_WEIGHTS
-from pipeline.components.checkpoint import (TRAINER_STATE, checkpoint_dirs, load_training_state, save_model,
-                                           save_training_state)
+from mcci_models.saved import MODEL_DIR, RAW_WEIGHTS, WEIGHTS
+from pipeline.components.checkpoint import (checkpoint_dirs, load_newest_checkpoint, save_model, save_training_state,
+                                           step_folders)
 from pipeline.components.distributed import (configure_deepspeed, deepspeed_input_dtype, resolve_mixed_precision,
                                              seed_rank_randomness, shards_parameters)
 from pipeline.components.ema import build_ema, check_ema_horizon
@@ -41,15 +41,16 @@ from pipeline.components.trackers import flat_config, resolve_trackers
 from pipeline.components.validation import VAL_LOG, describe, validate
 from pipeline.components.variants import EpochContext, Variant, ain_warmup_loss, build_variant, plain_loss
 from pipeline.data.batches import Batch
-from pipeline.data.loaders import steps_per_epoch, train_loader
+from pipeline.data.loaders import check_first_samples, steps_per_epoch, train_loader
 from pipeline.data.manifest import load_manifest
 from pipeline.data.prefetch import device_batches, resolve_decode
 from pipeline.data.storage import ShardTally, StreamOptions
 from pipeline.data.transforms import InputTransform, ModelInputs
 from pipeline.support.config import Config, load_config
-from pipeline.support.errors import ConfigError, JobError
+from pipeline.support.errors import USER_ERRORS, ConfigError, JobError, note_kept
 from pipeline.support.plots import TRAIN_CURVES, VAL_CURVES, plot_training_log, plot_validation_log
 from pipeline.support.report import write_json, write_text
+from shards.outputs import unwritable
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -165,21 +166,25 @@ def check_finite(loss: torch.Tensor, step: int, last_checked: int) -> None:
                        "lower optim.lr, set optim.grad_clip > 0, or use spectrum.normalisation=log")
 
 
-def trim_logs(out: Path, last_step: int) -> None:
+def trim_logs(out: Path, last_step: int, epoch_end_pending: bool = False) -> None:
     """Drop log records past the checkpoint a run resumes from (all of them when it starts at step 0): those steps
-    run again, and a log never repeats a step."""
-    for path in (out / TRAIN_LOG, out / VAL_LOG):
+    run again, and a log never repeats a step. A checkpoint kept before its epoch's end was done (validation failed,
+    say) drops that step's validation rows too: the validation runs again."""
+    for path, last in ((out / TRAIN_LOG, last_step), (out / VAL_LOG, last_step - epoch_end_pending)):
         if path.exists():
             kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] <= last_step]
+                    if line.strip() and json.loads(line)["step"] <= last]
             write_text(path, "".join(kept))
 
 
 def _check_out(cfg: Config) -> None:
     out = Path(cfg.train.out)
+    problem = unwritable(out)  # before any work: the run's files are written inside it
+    if problem:
+        raise ConfigError(f"train.out={cfg.train.out} cannot be written: {problem}")
     if cfg.train.resume:
         return
-    if (out / MODEL_DIR).exists() or checkpoint_dirs(out):
+    if (out / MODEL_DIR).exists() or step_folders(out):
         raise ConfigError(f"{out} already holds a training run; set train.resume=true to continue it "
                           "or choose another train.out")
 
@@ -236,6 +241,10 @@ def build_run(cfg: Config) -> Run:
     manifest = load_manifest(cfg.data.shards, stream)
     steps = steps_per_epoch(manifest, cfg.data.batch_size, accelerator.num_processes)  # micro-batches
     check_data_for_run(cfg, manifest, mixed_precision, steps)
+    # shards that disagree with their manifest (an edited image_size, say) stop here, not after an epoch
+    check_first_samples(cfg.data.shards, manifest, ["train", *(["test-clean", "test-poisoned"] if cfg.train.eval_every
+                                                              else []), *([cfg.reference.source] if cfg.train.defense
+                                                                          == "mcci" else [])], stream)
     accumulation = cfg.train.grad_accumulation  # the schedule and the EMA count optimiser steps
     check_ema_horizon(cfg.train, steps * cfg.train.epochs // accumulation)
     variant = build_variant(cfg)
@@ -296,10 +305,12 @@ def start_state(run: Run) -> TrainState:
     augmentation RNG, the variant's state), with the logs cut back to its step."""
     cfg, accelerator, out = run.cfg, run.accelerator, run.out
     state = TrainState()
-    if cfg.train.resume and checkpoint_dirs(out):
-        newest = checkpoint_dirs(out)[-1]
-        check_resume_identity(json.loads((newest / TRAINER_STATE).read_text()).get("run"), run.identity)
-        saved, ema_weights = load_training_state(accelerator, newest)
+    pending = False
+    # the newest usable checkpoint (a damaged one falls back to the one before, none usable stops the run)
+    restored = load_newest_checkpoint(accelerator, out, lambda recorded: check_resume_identity(recorded, run.identity),
+                                      accelerator.print) if cfg.train.resume else None
+    if restored is not None:
+        _, saved, ema_weights = restored
         state.step, state.epoch = saved["step"], saved["epoch"]
         if run.ema is not None:  # a checkpoint without one (written before identities) restarts it from the weights
             run.ema.module.load_state_dict(ema_weights or run.network.state_dict())
@@ -311,25 +322,80 @@ def start_state(run: Run) -> TrainState:
         if accelerator.is_main_process:  # the runs before this one skipped these (summed over ranks: counted once)
             before = saved.get("skipped", {})
             run.stream.tally.add(before.get("shards", 0), before.get("samples", 0))
-        accelerator.print(f"resumed from step {state.step} (epoch {state.epoch}) of {run.total_steps}")
+        pending = saved.get("epoch_end_pending", False)  # kept after a failure between an epoch's steps and its end
+        accelerator.print(f"resumed from step {state.step} (epoch {state.epoch}) of {run.total_steps}"
+                          + (", at the end of the epoch's steps" if pending else ""))
+    elif cfg.train.resume and (out / TRAIN_LOG).is_file() and (out / TRAIN_LOG).read_text().strip():
+        accelerator.print(f"note: train.resume=true, but {out} holds no checkpoint (the run stopped before its first): "
+                          "training starts at step 0 and its logs start again")
     state.last_checked = state.step
+    note_kept(f"train {out}", partial(_kept_on_disk, run))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        trim_logs(out, state.step)
+        trim_logs(out, state.step, pending)
     return state
 
 
-def save_checkpoint(run: Run, state: TrainState, epoch: int) -> None:
-    """The resumable state at ``state.step``, with ``epoch`` epochs done. The schedule and the augmentation RNG go
-    to JSON: Accelerate would pickle registered objects and unpickle them with weights_only=False on resume."""
+def save_checkpoint(run: Run, state: TrainState, epoch: int, epoch_end_pending: bool = False) -> None:
+    """The resumable state at ``state.step``, with ``epoch`` epochs done (``epoch_end_pending``: and the steps of the
+    next, but not its validation and end-of-epoch hook). The schedule and the augmentation RNG go to JSON:
+    Accelerate would pickle registered objects and unpickle them with weights_only=False on resume."""
     scheduler_state = {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"}
     save_training_state(run.accelerator, run.out,
                         {"step": state.step, "epoch": epoch, "total_steps": run.total_steps, "run": run.identity,
                          # every rank's stream: each augments its own batches
                          "augment_rng": gather_object([run.transform.generator.get_state().tolist()]),
                          "scheduler": scheduler_state, "variant_state": run.variant.state_dict(),
-                         "skipped": skipped(run)},
+                         "skipped": skipped(run),
+                         **({"epoch_end_pending": True} if epoch_end_pending else {})},
                         run.cfg.train.keep_checkpoints, ema=None if run.ema is None else run.ema.module.state_dict())
+
+
+def _kept_on_disk(run: Run) -> str | None:
+    """What an interrupt's line says this run kept, read from the disk when it is asked: the saved model, else the
+    newest checkpoint."""
+    if (run.out / MODEL_DIR / WEIGHTS).is_file():
+        return f"the trained model {run.out / MODEL_DIR}"
+    saved = checkpoint_dirs(run.out)
+    if not saved:
+        return None
+    step = int(saved[-1].name.split("-")[1])
+    return (f"checkpoint {saved[-1].name} in {run.out / 'checkpoints'} ({step} of {run.total_steps} steps; continue "
+            "with train.resume=true)")
+
+
+def keep_work(run: Run, state: TrainState, epoch: int, error: Exception, epoch_end_pending: bool = False) -> Exception:
+    """After a failure outside a step (reading the data, validation, the variant's epoch hook, saving the model), the
+    steps done since the last checkpoint are saved, so no work is lost; returns the error with a note naming the
+    checkpoint to resume from. In one process only: a save is collective, and a failure on one rank would leave the
+    others waiting in it; and only on a whole optimiser step (an accumulated gradient is not part of a checkpoint)."""
+    saved = checkpoint_dirs(run.out)
+    kept = int(saved[-1].name.split("-")[1]) if saved else 0
+    if (run.accelerator.num_processes == 1 and state.step > kept
+            and state.step % run.cfg.train.grad_accumulation == 0):
+        try:
+            save_checkpoint(run, state, epoch, epoch_end_pending)
+            kept = state.step
+        except Exception as failed:  # noqa: BLE001 - the first error is the one to report
+            print(f"note: the checkpoint of step {state.step} could not be written ({failed})", file=sys.stderr)
+    note = (f"kept checkpoint step-{kept:08d} in {run.out / 'checkpoints'} ({kept} of {run.total_steps} steps): fix "
+            "the cause and continue with train.resume=true" if kept else "no step was done, so no checkpoint was kept")
+    if isinstance(error, USER_ERRORS):
+        return type(error)(f"{error}; {note}")  # the CLI prints its last line: the note goes at its end
+    print(note, file=sys.stderr)
+    return error
+
+
+def _saving_on_failure(run: Run, state: TrainState, epoch: int, batches: Iterator[Batch]) -> Iterator[Batch]:
+    """``batches``, with a failure to read the next one (a damaged shard, a lost server) keeping the steps done
+    (``keep_work``); a failure inside a step is not caught here: the weights may be half-updated."""
+    try:
+        yield from batches
+    except Exception as e:  # noqa: BLE001 - re-raised, annotated
+        error = keep_work(run, state, epoch, e)
+        if error is e:
+            raise
+        raise error from e
 
 
 def epoch_batches(run: Run, epoch: int, step: int) -> Iterator[Batch]:
@@ -339,6 +405,8 @@ def epoch_batches(run: Run, epoch: int, step: int) -> Iterator[Batch]:
     loader = train_loader(cfg.data.shards, run.manifest, cfg.data.batch_size, run.steps, cfg.data.num_workers,
                           cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + run.accelerator.process_index,
                           epoch=epoch, decode=run.decode, stream=run.stream)
+    if step >= (epoch + 1) * run.steps:  # a checkpoint kept after the epoch's steps: only its end is left to do
+        return iter(())
     return device_batches(itertools.islice(loader, step - epoch * run.steps, None), run.accelerator.device)
 
 
@@ -433,7 +501,7 @@ def train(cfg: Config) -> Path:
                file=sys.stdout)
     for epoch in range(state.epoch, cfg.train.epochs):
         set_phase(run, state.step)
-        for batch in epoch_batches(run, epoch, state.step):
+        for batch in _saving_on_failure(run, state, epoch, epoch_batches(run, epoch, state.step)):
             if phase_ends(run, state.step):
                 set_phase(run, state.step)
             inputs = model_inputs(run.transform, batch.images, run.input_dtype, batch.labels)
@@ -451,9 +519,15 @@ def train(cfg: Config) -> Path:
                 write_log_line(run, state, epoch, grad_norm, log, bar)
             if checkpoint_due and not epoch_end:  # the epoch's own checkpoint comes after its validation
                 save_checkpoint(run, state, epoch)
-        if run.validating and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
-            validate_epoch(run, state, epoch, val_log)
-        run.variant.end_of_epoch(epoch_context(run, state), epoch)
+        try:
+            if run.validating and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
+                validate_epoch(run, state, epoch, val_log)
+            run.variant.end_of_epoch(epoch_context(run, state), epoch)
+        except Exception as e:  # noqa: BLE001 - re-raised, annotated
+            error = keep_work(run, state, epoch, e, epoch_end_pending=True)
+            if error is e:
+                raise
+            raise error from e
         save_checkpoint(run, state, epoch + 1)
     bar.close()
     if main:
@@ -461,7 +535,13 @@ def train(cfg: Config) -> Path:
         val_log.close()
         plot_training_log(run.out / TRAIN_LOG, run.out / TRAIN_CURVES)
         plot_validation_log(run.out / VAL_LOG, run.out / VAL_CURVES)
-    model_dir = save_trained_model(run)
+    try:
+        model_dir = save_trained_model(run)
+    except Exception as e:  # noqa: BLE001 - re-raised, annotated: every step is in the last checkpoint
+        error = keep_work(run, state, cfg.train.epochs, e)
+        if error is e:
+            raise
+        raise error from e
     accelerator.end_training()  # closes the trackers (and the process group): last
     return model_dir
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -318,13 +319,45 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping (a duplicate section or key) is an error
+    naming both lines: PyYAML keeps the last one without a word, so an edit lower in a file silently undid one above."""
+
+
+def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" may repeat what it merges
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            seen = key in first
+        except TypeError:  # an unhashable key: PyYAML's own constructor says what is wrong with it
+            break
+        line = first.setdefault(key, key_node.start_mark.line)
+        if seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is given twice, on line {line + 1} and line {key_node.start_mark.line + 1} "
+                "(YAML would keep only the last); keep one", None)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def strict_yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (``_StrictLoader``): for every file a user
+    edits (configs, attack configs) and every override."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``a.b=value`` -> {"a": {"b": value}}; the value is read as YAML (numbers, lists, null)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=3e-4)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = strict_yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({' '.join(str(e).split())}); "
                           "quote text, write lists as [1, 2]") from e
@@ -366,9 +399,12 @@ def validate(cfg: Config) -> None:
                               "cutmix give soft labels: set data.augment.mixup_alpha=0 and cutmix_alpha=0")
     if len(cfg.model.ain_widths) != len(cfg.model.ain_dropouts):
         raise ConfigError("model.ain_widths and model.ain_dropouts must have the same length")
+    if cfg.train.defense == "mcci" and not cfg.model.ain_widths:  # else an AIN of no block trains, named MCCI
+        raise ConfigError("model.ain_widths=[] leaves MCCI without an AIN; give at least one block (the default is "
+                          f"{list(Config().model.ain_widths)}), or set train.defense=none for the undefended model")
     for key in ("train.out", "data.shards"):
         path = Path(getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
-        if str(path) and path.is_file():
+        if str(path) and os.path.isfile(path):  # never raises (Path.is_file does on a name too long)
             raise ConfigError(f"{key}={path} is a file; name a folder")
     if cfg.train.mcci_variant == "isolate":
         if cfg.train.defense != "mcci":
@@ -394,7 +430,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             state = "is a folder" if path.is_dir() else "does not exist"
             raise ConfigError(f"config file {path} {state}; give a YAML file (see configs/ for examples)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = strict_yaml_load(path.read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read {path} as YAML: {' '.join(str(e).split())}; fix the file") from e
         if not isinstance(data, dict):

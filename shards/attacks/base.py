@@ -65,6 +65,9 @@ class Attack:
         if unknown:
             raise ShardBuildError(f"attack {self.name!r} has no parameter(s) {sorted(unknown)}; "
                                   f"its parameters are {sorted(self.defaults)}")
+        for key, value in params.items():
+            _check_type(self.name, key, value, self.defaults[key])
+        self.given = set(params)  # what the user set, for attacks that refuse a parameter their setting never reads
         self.params = {**self.defaults, **params}
         self.clean_label = self.is_clean_label(self.params)
         self.image_size = image_size
@@ -128,6 +131,24 @@ class Attack:
         if not (0 <= row <= self.image_size - ph and 0 <= col <= self.image_size - pw):
             raise ShardBuildError(f"{self.name} patch {ph}x{pw} at {position} does not fit a {self.image_size} px image")
         return row, col
+
+
+def _check_type(attack: str, key: str, value: Any, default: Any) -> None:
+    """A parameter whose default is a number or a flag takes only that (``--param patch_fraction=abc`` was kept as
+    text and failed later, or never); integers where the default is one; finite numbers. Parameters whose default is
+    None or text are checked by their attack."""
+    def refuse(kind: str) -> ShardBuildError:
+        return ShardBuildError(f"attack {attack!r}: --param {key}={value!r} must be {kind} (default {default!r})")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise refuse("true or false")
+    elif isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise refuse("a number")
+        if not np.isfinite(value):
+            raise refuse("a finite number")
+        if isinstance(default, int) and not float(value).is_integer():
+            raise refuse("a whole number")
 
 
 def to_pixels(values: np.ndarray) -> np.ndarray:
