@@ -245,10 +245,10 @@ class Results:
 
     def record(self, file: ResultsFile, record_id: str) -> tuple[ResultsFile, dict[str, Any]]:
         """A record by ``ID`` (in ``file``) or ``STEM:ID`` (in ``STEM.json``)."""
-        stem, colon, rid = record_id.rpartition(":")
-        owner = self.files.get(f"{stem}.json") if colon else file
-        if owner is None:
-            raise ResultsError(f"{file.path.name}: record {record_id!r}: no file {stem}.json")
+        stem, colon, rid = record_id.partition(":")
+        owner = self.files.get(f"{stem}.json") if colon else None
+        if owner is None:  # an id of this file (ids may hold colons: "badnets:all-to-all/baseline")
+            owner, rid = file, record_id
         for r in owner.data.get("records", []):
             if r.get("id") == rid:
                 return owner, r
