@@ -97,8 +97,8 @@ class ModelConfig:
                                 "most this fraction of the SFRN's forward FLOPs; the sizes chosen replace ain_widths and "
                                 "ain_stem_stride in the saved config. 0: as the keys say", ge=0.0, lt=1.0)
     ain_global_grid: int = setting(0, "> 0: the AIN also reads its whole input linearly, averaged over a grid of this "
-                                   "many cells a side (16: a matched filter that learns an image-wide blended "
-                                   "texture within an epoch, which the convolutions alone did not; docs/VARIANTS.md)",
+                                   "many cells a side (16: a matched filter for an image-wide blended texture; "
+                                   "docs/VARIANTS.md)",
                                    ge=0)
     ain_view: str = setting("spectrum", "what the AIN sees: the image's spectrum; spectrum+lowpass: also the SFRN's "
                             "input low-passed (3 more channels), where smooth image-wide triggers live "
@@ -178,7 +178,7 @@ class TrainConfig:
                               "ain_loss: the isolate_fraction the AIN alone fits best",
                               choices=("audit", "loss", "ain_loss"))
     isolate_fraction: float = setting(0.1, "isolate_by=loss or ain_loss: the share of training samples isolated; at "
-                                      "least the share feared poisoned (ABL's 0.01 removed nothing, docs/VARIANTS.md)",
+                                      "least the share feared poisoned (docs/VARIANTS.md)",
                                       gt=0.0, lt=1.0)
     grad_accumulation: int = setting(1, "micro-batches per optimiser step (Accelerate's accumulate); the effective "
                                      "batch is data.batch_size x this x processes", ge=1)
