@@ -13,10 +13,10 @@ A file may hold, beside whatever a benchmark wrote into it:
 - ``"record_defaults"``: fields every record of the file has unless it sets them itself;
 - ``"tables"``: NAME -> a table spec (below).
 
-Every record a table shows must have ``command``, ``commit``, ``machine``, ``date``, ``seed`` or ``seeds``,
-``settings``, ``chosen_on`` (the split that chose the settings) and ``weights`` (``raw`` or ``ema``), from
-itself, its file's ``record_defaults`` or the spec's ``defaults``; records copied from an older document say so
-with ``"transcribed_from"``.
+Every record must have ``command``, ``commit``, ``machine``, ``date``, ``seed`` or ``seeds`` (every seed a figure
+averages), ``settings``, ``chosen_on`` (the split that chose the settings) and ``weights`` (``raw`` or ``ema``),
+from itself, its file's ``record_defaults`` or (rows a table reads from elsewhere) the spec's ``defaults``;
+figures copied from an older document say so with ``"transcribed_from"`` (and ``"transcribed_fields"``).
 
 Any value in a record may instead be computed:
 
@@ -36,16 +36,18 @@ A table spec:
 - ``"records"``: where its rows come from: a JSON pointer into the same file (default ``"#/records"``), or
   ``"other.json#/rows"`` (e.g. the ``rows`` of a ``benchmarks/campaign.py`` summary copied under docs/results/);
 - ``"defaults"``: fields given to each of those rows that it lacks (e.g. the provenance a campaign row lacks);
-- ``"where"``: ``{"field": value}`` keeps the rows whose field equals the value (a list: any of them);
+- ``"where"``: ``{"field": value}`` keeps the rows whose field, as written, equals the value (a list: any of them);
 - ``"rows"``: instead of ``records``/``where``, an explicit list of record ids in order, each ``"ID"`` (this file)
   or ``"STEM:ID"``, or ``{"record": ID, "with": {fields}}`` to add or override fields for this table only;
 - ``"columns"``: a list of ``{"header": text, "value": template or [templates], "missing": text}``. A template
   is Python's ``str.format`` over the record's fields (``"{clean_acc:.3f}"``, ``"{baseline[asr]:.3f}"``,
-  ``"{flagged:,}"``; an exponent is shown without leading zeros, ``{e:.1e}`` -> ``6.2e-8``); with several, the first that every field it names can fill wins, and ``missing`` is
-  shown when none can (a table without ``missing`` for such a cell is an error). Fields named in a record's
-  ``"bold"`` (or ``"struck"``) list are shown ``**value**`` (``~~value~~``); ``"blank_repeats": true`` leaves a
-  cell blank where it would repeat the cell above (a group's label shown once). A record of an irregular table
-  may carry its own template for a column in ``"cells": {header: template}``, tried before the column's;
+  ``"{flagged:,}"``; an exponent loses its leading zeros: ``6.2e-8``). With several templates the first that
+  the record fills wins (a field it lacks, a None, an index into a plain number: not filled), and ``missing``
+  is shown when none does (without ``missing`` that is an error naming the table, column and record). Fields
+  named in a record's ``"bold"`` (or ``"struck"``) list are shown ``**value**`` (``~~value~~``);
+  ``"blank_repeats": true`` leaves a cell blank where it would repeat the cell above (a group's label shown
+  once). A record of an irregular table may carry its own template for a column in ``"cells": {header:
+  template}``, tried before the column's;
 - ``"pivot"`` (optional): ``{"key": field, "columns": [value, ...] or [{"key": value, "header": text}], "value":
   template(s), "missing": text}``: records whose ``columns`` cells render alike make one row, and each pivot
   column shows the record of that row whose ``key`` field has that value.
@@ -400,7 +402,8 @@ def check_records(results: Results) -> None:
     for file in results.files.values():
         ids = [r["id"] for r in file.data.get("records", []) if "id" in r]
         if len(ids) != len(set(ids)):
-            raise ResultsError(f"{file.path.name}: record ids used twice: {sorted({i for i in ids if ids.count(i) > 1})}")
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise ResultsError(f"{file.path.name}: record ids used twice: {twice}")
         for record in file.data.get("records", []):
             merged = results.resolve(file, {**file.data.get("record_defaults", {}), **record})
             _check_provenance(merged, file.path.name)

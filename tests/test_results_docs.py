@@ -29,14 +29,17 @@ def _experiment() -> dict:
     """A benchmark's output, with records that point into it and a table of them."""
     return {
         "baseline": {"clean_acc": 0.6595, "asr": 0.9998, "ra": 0.0002},
-        "mind_control": [{"clean_acc": 0.58, "asr": 0.065, "ra": 0.56}, {"clean_acc": 0.60, "asr": 0.045, "ra": 0.58}],
+        "mind_control": [{"clean_acc": 0.58, "asr": 0.065, "ra": 0.56},
+                         {"clean_acc": 0.60, "asr": 0.045, "ra": 0.58}],
         "record_defaults": dict(PROVENANCE),
         "records": [
             {"id": "baseline", "model": "undefended", "fields_from": {"$ref": "#/baseline"}},
             {"id": "mcci", "model": "MCCI", "seeds": [0, 1], "bold": ["asr"],
-             "clean_acc": {"$mean_sd": [{"$ref": "#/mind_control/0/clean_acc"}, {"$ref": "#/mind_control/1/clean_acc"}]},
+             "clean_acc": {"$mean_sd": [{"$ref": "#/mind_control/0/clean_acc"},
+                                        {"$ref": "#/mind_control/1/clean_acc"}]},
              "asr": {"$mean_sd": [{"$ref": "#/mind_control/0/asr"}, {"$ref": "#/mind_control/1/asr"}]},
-             "ca_less": {"$sub": [{"$ref": "#/mind_control/0/clean_acc"}, {"$ref": "#/baseline/clean_acc"}], "scale": 100}},
+             "ca_less": {"$sub": [{"$ref": "#/mind_control/0/clean_acc"}, {"$ref": "#/baseline/clean_acc"}],
+                         "scale": 100}},
         ],
         "tables": {"tiny": {"columns": [
             {"header": "model", "value": "{model}"},
