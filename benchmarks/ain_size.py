@@ -1,7 +1,7 @@
 """What the AIN's size rule picks: for each SFRN and image size, the reference AIN's share of the SFRN's
 forward FLOPs and the AIN ``model.ain_budget`` sizes it to (torch's FLOP counter, on the CPU).
 
-    python -m benchmarks.ain_size --budget 0.05 --out benchmarks/results/ain_size.json
+    python -m benchmarks.ain_size --budget 0.05 --out docs/results/ain_size.json
 """
 from __future__ import annotations
 

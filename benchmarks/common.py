@@ -50,7 +50,7 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeat: 
 
 def write_result(name: str, result: dict[str, Any], out: str | None) -> Path:
     result = {"benchmark": name, "date": datetime.date.today().isoformat(), "machine": machine(), **result}
-    path = Path(out) if out else ROOT / "benchmarks" / "results" / f"{name}-{result['date']}.json"
+    path = Path(out) if out else ROOT / "docs" / "results" / f"{name}-{result['date']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the SFRN runs (cpu, cuda); the refit is on the CPU")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--out", help="the JSON result (default: benchmarks/results/head_refit-DATE.json)")
+    parser.add_argument("--out", help="the JSON result (default: docs/results/head_refit-DATE.json)")
     args = parser.parse_args()
     write_result("head_refit", head_refit(args.run, args.shards, args.weight_decay, args.trusted_weight_decay,
                                           args.device, args.batch_size, args.num_workers), args.out)

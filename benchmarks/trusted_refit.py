@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, help="refit on a seeded random N of the trusted images (default: all)")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", help="the JSON result (default: benchmarks/results/trusted_refit-DATE.json)")
+    parser.add_argument("--out", help="the JSON result (default: docs/results/trusted_refit-DATE.json)")
     args = parser.parse_args()
     matrix = Path(args.matrix)
     folders = sorted(p for p in matrix.iterdir() if (p / "metrics.json").is_file()

@@ -92,9 +92,9 @@ def size_ain(budget_flops: float, img_size: int, in_chans: int, out_dim: int, wi
     costliest within the budget; the larger widths on a tie. Returns (widths, stem stride, its FLOPs);
     ValueError when even the smallest candidate is over the budget.
 
-    No stem is added where the reference has none: on 32 px CIFAR-10 a stride-2 stem made the AIN lose
-    the Blended trigger to the SFRN (ASR 1.000 under mind control) where narrower widths at full
-    resolution, at the same cost, removed it (0.038; docs/RESULTS.md)."""
+    No stem is added where the reference has none: on 32 px CIFAR-10 a strided stem lost the Blended trigger
+    to the SFRN where narrower widths at full resolution, at the same cost, kept it in the AIN (docs/RESULTS.md,
+    "The sized AIN on the rest of the reduced matrix")."""
     strides, stride = [], default_stem_stride(img_size)
     while stem_output(img_size, stride) >= MIN_STEM_OUTPUT:
         strides.append(stride)

@@ -6,9 +6,9 @@ it. The trusted images never carried a trigger, so a linear readout of the featu
 has no reason to map a triggered input to the target (docs/RESULTS.md measures it, and the same refit of
 an undefended model's classifier beside it). The refit is of the layer the model predicts with (MCCI: the
 SFRN's half of the fusion head under mind control; undefended: its classifier), by logistic regression
-with an L2 penalty towards zero (``pipeline/components/head_refit.py``): 0.01 by default, the value measured on
-the reduced CIFAR-10 matrix, or ``cv`` to choose it by 5-fold cross-validation on the trusted images (with 100 of
-them it chose penalties that cost 7-10 more points of clean accuracy there than 0.01: docs/RESULTS.md).
+with an L2 penalty towards zero (``pipeline/components/head_refit.py``): 0.01 by default, or ``cv`` to choose it
+by 5-fold cross-validation on the trusted images (with few of them cross-validation can pick a penalty that
+costs clean accuracy; how both did: docs/RESULTS.md, "A trusted head refit").
 
 Never refit on the model's own training split: its poisoned samples teach the refit the trigger that the
 trained head ignored (docs/RESULTS.md, "refit on every training sample"); this job reads the trusted split only.

@@ -184,7 +184,7 @@ class TrainConfig:
                               "ain_loss: the isolate_fraction the AIN alone fits best",
                               choices=("audit", "loss", "ain_loss"))
     isolate_fraction: float = setting(0.1, "isolate_by=loss or ain_loss: the share of training samples isolated; at "
-                                      "least the share feared poisoned (ABL's 0.01 removed nothing, docs/VARIANTS.md)",
+                                      "least the share feared poisoned (docs/VARIANTS.md)",
                                       gt=0.0, lt=1.0)
     grad_accumulation: int = setting(1, "micro-batches per optimiser step (Accelerate's accumulate); the effective "
                                      "batch is data.batch_size x this x processes", ge=1)
