@@ -281,7 +281,20 @@ def summary(campaign: Campaign) -> dict[str, Any]:
             if base is not None and mode != "baseline":
                 row["der"] = round(defense_effectiveness_rating(base["final"][kind]["baseline"], m), 4)
             rows.append(row)
-    return {"plan": campaign.plan, "machine": machine(), "commit": commit(), "cells": sorted(cells), "rows": rows}
+    return {"plan": campaign.plan, "machine": machine(), "commit": commit(), "cells": sorted(cells), "rows": rows,
+            "curves": curves(cells.values())}
+
+
+def curves(cells) -> list[dict[str, Any]]:
+    """Each cell's validation after every epoch, of each weight set, in the mode it is judged by (mind control for
+    MCCI models, the plain prediction for undefended ones): whether a defence holds to the last epoch."""
+    rows = []
+    for record in cells:
+        for row in record["epochs"]:
+            if row.get("mode") in ("plain", "mind_control"):
+                rows.append({"attack": record["attack"], "model": record["model"], "seed": record["seed"],
+                             **{k: row[k] for k in ("epoch", "weights", "mode", "clean_acc", "asr", "ra")}})
+    return rows
 
 
 def pack_results(campaign: Campaign) -> Path:

@@ -60,3 +60,15 @@ def trained(tiny_shards, tmp_path_factory) -> Path:
     main(["train", f"data.shards={tiny_shards}", f"train.out={out / 'baseline'}", "train.defense=none", *TINY_TRAIN])
     main(["train", f"data.shards={tiny_shards}", f"train.out={out / 'mcci'}", *TINY_TRAIN])
     return out
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    """``mcci ARGV`` in this process, expected to stop with one error line and no traceback: (exit code, the line)."""
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return exit_info.value.code, lines[0]

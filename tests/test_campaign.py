@@ -44,6 +44,13 @@ def test_a_campaign_writes_one_json_per_cell_then_skips_them(plan, tmp_path, cap
     rows = {(r["model"], r["weights"]) for r in summary["rows"]}
     assert rows == {(m, w) for m in ("undefended", "mcci") for w in ("raw", "ema")}
     assert all("der" in r for r in summary["rows"] if r["model"] == "mcci")
+    # the curves: each epoch of each weight set, in the mode each model is judged by
+    assert {(r["model"], r["epoch"], r["weights"], r["mode"]) for r in summary["curves"]} == {
+        (m, e, w, "plain" if m == "undefended" else "mind_control") for m in ("undefended", "mcci") for e in (1, 2)
+        for w in ("raw", "ema")}
+    mc = next(r for r in mcci["epochs"] if (r["epoch"], r["weights"], r["mode"]) == (2, "raw", "mind_control"))
+    assert next(r for r in summary["curves"] if (r["model"], r["epoch"], r["weights"]) == ("mcci", 2, "raw"))[
+        "asr"] == mc["asr"]
     assert (out / "results.tar.gz").stat().st_size > 0
 
     stamp = (out / "cells" / "patch--mcci--s0.json").stat().st_mtime_ns

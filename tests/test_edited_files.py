@@ -9,18 +9,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline.cli import main
-
-from conftest import TINY_TRAIN
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return exit_info.value.code, lines[0]
+from conftest import TINY_TRAIN, run_main
 
 
 def _edit_json(path: Path, **changes) -> None:

@@ -14,7 +14,9 @@ from pipeline.components.variants import VARIANTS, build_variant
 from pipeline.components.variants.independence import hsic
 from pipeline.components.variants.isolate import unlearning_loss
 from pipeline.components.variants.lff import generalised_cross_entropy, lff_weights
-from pipeline.components.variants.residual import scale_sfrn_gradient, sfrn_shares
+from pipeline.components.variants.base import scale_sfrn_gradient
+from pipeline.components.variants.agreement import agreement_shares
+from pipeline.components.variants.residual import sfrn_shares
 from pipeline.data.batches import Batch
 from pipeline.data.transforms import ModelInputs
 from pipeline.support.config import MCCI_VARIANTS, load_config
@@ -220,7 +222,35 @@ def test_residual_on_a_real_model_is_the_fused_loss_in_value():
         variant("none").loss(model, inputs, labels).item())
 
 
-@pytest.mark.parametrize("name", ["independence", "lff", "residual"])
+def test_agreement_share_is_the_labels_probability_over_the_sfrns_top_class():
+    # three classes, labels 0. Row 0: the SFRN half ranks the label first (share 1). Row 1: it prefers class 1 by
+    # ln 4 (p_label / p_top = 1/4). Row 2: its content is class 2 by 5 logits (a poisoned sample): e^-5.
+    sfrn = [[2.0, 0.0, 0.0], [0.0, math.log(4), 0.0], [0.0, 0.0, 5.0]]
+    parts = HandMade(sfrn, [[0.0] * 3, [0.0] * 3, [9.0, 0.0, 0.0]])(None, return_parts=True)
+    labels = torch.zeros(3, dtype=torch.long)
+    assert agreement_shares(parts, labels).tolist() == pytest.approx([1.0, 0.25, math.exp(-5)])
+    assert agreement_shares(parts, labels, exponent=2.0).tolist() == pytest.approx([1.0, 0.0625, math.exp(-10)])
+
+
+def test_agreement_gives_the_sfrn_nothing_to_learn_a_trigger_from_while_the_ain_learns_it():
+    # three clean samples the SFRN half predicts; a poisoned one whose content (class 1) the SFRN half reads and
+    # whose AIN half does not yet explain the label (where the residual variant's gate is still open)
+    model = HandMade([[2.0, 0.0]] * 3 + [[-4.0, 0.0]], [[0.0, 0.0]] * 4)
+    agree = variant("agreement")
+    labels = torch.zeros(4, dtype=torch.long)
+    loss = agree.loss(model, _NO_IMAGES, labels, batch=_batch(range(4), [False] * 3 + [True]))
+    assert loss.item() == pytest.approx(F.cross_entropy(model(None), labels).item())
+    loss.backward()
+    torch.testing.assert_close(model.sfrn_term.grad[:3], model.ain_term.grad[:3])
+    torch.testing.assert_close(model.sfrn_term.grad[3], math.exp(-4) * model.ain_term.grad[3])
+    assert model.ain_term.grad[3, 0] < -0.1  # the AIN is pushed towards the label in full
+    assert agree.log_values() == {"sfrn_share_clean": 1.0, "sfrn_share_poisoned": round(math.exp(-4), 4)}
+    residual = variant("residual")  # the same batch: the AIN explains nothing yet, so the residual gate is open
+    residual.loss(model, _NO_IMAGES, labels, batch=_batch(range(4), [False] * 3 + [True]))
+    assert residual.log_values()["sfrn_share_poisoned"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["independence", "lff", "residual", "agreement"])
 def test_a_variant_trains_end_to_end(name, tiny_shards, tmp_path):
     import json
 
@@ -231,5 +261,5 @@ def test_a_variant_trains_end_to_end(name, tiny_shards, tmp_path):
     log = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and all(math.isfinite(r["loss"]) for r in log)
     assert (tmp_path / name / "model" / "model.safetensors").is_file()
-    if name == "residual":  # the shares reach the log: the shards record which samples are poisoned
+    if name in ("residual", "agreement"):  # the shares reach the log: the shards record which samples are poisoned
         assert all(0 <= r["sfrn_share_clean"] <= 1 for r in log)

@@ -8,16 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import run_main
 from pipeline.cli import main
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return exit_info.value.code, lines[0]
 
 
 def digest(folder: Path) -> dict[str, str]:

@@ -26,7 +26,7 @@ from pipeline.support.errors import ConfigError
 
 
 # train.mcci_variant's choices: the modules of pipeline/components/variants (a test keeps the two in step)
-MCCI_VARIANTS = ("none", "independence", "lff", "isolate", "residual")
+MCCI_VARIANTS = ("none", "independence", "lff", "isolate", "residual", "agreement")
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, length: int | None = None,
@@ -175,7 +175,7 @@ class TrainConfig:
     mcci_variant: str = setting("none", "an MCCI variant that pushes what the AIN explains out of the SFRN "
                                 "(docs/VARIANTS.md)", choices=MCCI_VARIANTS)
     mcci_variant_weight: float = setting(1.0, "the variant's weight: of its loss term (independence, lff, isolate), "
-                                         "the exponent of the SFRN's share (residual)", ge=0.0)
+                                         "the exponent of the SFRN's share (residual, agreement)", ge=0.0)
     isolate_epoch: int = setting(1, "mcci_variant=isolate: epochs of plain MCCI before isolate_by's rule isolates "
                                  "training samples, which are unlearned from then on (run folder: isolation.json)",
                                  ge=1)

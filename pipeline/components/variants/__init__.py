@@ -7,6 +7,6 @@ new module here, imported below, and its name in ``train.mcci_variant``'s choice
 """
 from pipeline.components.variants.base import (VARIANTS, EpochContext, Variant, ain_warmup_loss, build_variant,
                                                plain_loss, register)
-from pipeline.components.variants import independence, isolate, lff, residual  # noqa: F401  (registration)
+from pipeline.components.variants import agreement, independence, isolate, lff, residual  # noqa: F401  (registration)
 
 __all__ = ["VARIANTS", "EpochContext", "Variant", "ain_warmup_loss", "build_variant", "plain_loss", "register"]

@@ -103,6 +103,61 @@ class Variant:
         return {}
 
 
+def scale_sfrn_gradient(parts: MCCIParts, shares: torch.Tensor) -> torch.Tensor:
+    """The fused logits, unchanged in value, with each row's gradient into the SFRN's term (its features and its
+    half of the head) scaled by ``shares``; the AIN's half and the bias keep theirs."""
+    sfrn_term = parts.sfrn_term
+    return parts.logits - (1 - shares.to(parts.logits.dtype))[:, None] * (sfrn_term - sfrn_term.detach())
+
+
+class SharesByPoison:
+    """A diagnostic for variants that scale the SFRN's gradient per sample: the mean share on clean and on recorded-
+    poisoned samples since the last read (the shards' record of the poison never steers training)."""
+
+    def __init__(self):
+        self._sums = torch.zeros(4)  # share on clean, count clean, share on recorded-poisoned, count poisoned
+
+    def add(self, shares: torch.Tensor, batch: Batch | None) -> None:
+        if batch is None:
+            return
+        poisoned = batch.poisoned.to(shares.device).float()
+        self._sums = self._sums.to(shares.device) + torch.stack([
+            (shares * (1 - poisoned)).sum(), (1 - poisoned).sum(), (shares * poisoned).sum(), poisoned.sum()])
+
+    def read(self) -> dict[str, float]:
+        sums, self._sums = self._sums.tolist(), torch.zeros(4)
+        values = {}
+        if sums[1]:
+            values["sfrn_share_clean"] = round(sums[0] / sums[1], 4)
+        if sums[3]:
+            values["sfrn_share_poisoned"] = round(sums[2] / sums[3], 4)
+        return values
+
+
+class SFRNGate(Variant):
+    """A variant that keeps the fused cross-entropy's value and scales each sample's gradient into the SFRN by a
+    share in [0, 1] (``shares``), logging the mean share on clean and recorded-poisoned samples."""
+
+    needs_own_labels = True
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.share_log = SharesByPoison()
+
+    def shares(self, parts: MCCIParts, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mcci_loss(self, model: nn.Module, inputs: ModelInputs, labels: torch.Tensor,
+                  batch: Batch | None) -> torch.Tensor:
+        parts = self.parts(model, inputs)
+        shares = self.shares(parts, labels)
+        self.share_log.add(shares, batch)
+        return self.cross_entropy(scale_sfrn_gradient(parts, shares), labels)
+
+    def log_values(self) -> dict[str, float]:
+        return self.share_log.read()
+
+
 def ain_warmup_loss(model: nn.Module, inputs: ModelInputs, labels: torch.Tensor,
                     label_smoothing: float = 0.0) -> torch.Tensor:
     """The AIN's warm-up (``optim.ain_warmup_epochs``), whatever the variant: the cross-entropy of the AIN's half of

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mcci_models.mcci import MCCIParts
-from pipeline.components.variants.base import Variant, register
+from pipeline.components.variants.base import SFRNGate, register
 
 
 def sfrn_shares(parts: MCCIParts, labels: torch.Tensor, exponent: float = 1.0) -> torch.Tensor:
@@ -35,35 +35,7 @@ def sfrn_shares(parts: MCCIParts, labels: torch.Tensor, exponent: float = 1.0) -
         return torch.exp(-exponent * (own - mind_control).clamp(min=0))
 
 
-def scale_sfrn_gradient(parts: MCCIParts, shares: torch.Tensor) -> torch.Tensor:
-    """The fused logits, unchanged in value, with each row's gradient into the SFRN's term (its features and its
-    half of the head) scaled by ``shares``; the AIN's half and the bias keep theirs."""
-    sfrn_term = parts.sfrn_term
-    return parts.logits - (1 - shares.to(parts.logits.dtype))[:, None] * (sfrn_term - sfrn_term.detach())
-
-
 @register("residual")
-class Residual(Variant):
-    needs_own_labels = True
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self._sums = torch.zeros(4)  # share on clean, count clean, share on recorded-poisoned, count poisoned
-
-    def mcci_loss(self, model, inputs, labels, batch):
-        parts = self.parts(model, inputs)
-        shares = sfrn_shares(parts, labels, self.weight)
-        if batch is not None:  # diagnostics only: the recorded poison never steers training
-            poisoned = batch.poisoned.to(shares.device).float()
-            self._sums = self._sums.to(shares.device) + torch.stack([
-                (shares * (1 - poisoned)).sum(), (1 - poisoned).sum(), (shares * poisoned).sum(), poisoned.sum()])
-        return self.cross_entropy(scale_sfrn_gradient(parts, shares), labels)
-
-    def log_values(self):
-        sums, self._sums = self._sums.tolist(), torch.zeros(4)
-        values = {}
-        if sums[1]:
-            values["sfrn_share_clean"] = round(sums[0] / sums[1], 4)
-        if sums[3]:
-            values["sfrn_share_poisoned"] = round(sums[2] / sums[3], 4)
-        return values
+class Residual(SFRNGate):
+    def shares(self, parts, labels):
+        return sfrn_shares(parts, labels, self.weight)
