@@ -222,14 +222,15 @@ def test_residual_on_a_real_model_is_the_fused_loss_in_value():
         variant("none").loss(model, inputs, labels).item())
 
 
-def test_agreement_share_is_the_labels_probability_over_the_sfrns_top_class():
-    # three classes, labels 0. Row 0: the SFRN half ranks the label first (share 1). Row 1: it prefers class 1 by
-    # ln 4 (p_label / p_top = 1/4). Row 2: its content is class 2 by 5 logits (a poisoned sample): e^-5.
-    sfrn = [[2.0, 0.0, 0.0], [0.0, math.log(4), 0.0], [0.0, 0.0, 5.0]]
-    parts = HandMade(sfrn, [[0.0] * 3, [0.0] * 3, [9.0, 0.0, 0.0]])(None, return_parts=True)
-    labels = torch.zeros(3, dtype=torch.long)
-    assert agreement_shares(parts, labels).tolist() == pytest.approx([1.0, 0.25, math.exp(-5)])
-    assert agreement_shares(parts, labels, exponent=2.0).tolist() == pytest.approx([1.0, 0.0625, math.exp(-10)])
+def test_agreement_share_is_one_less_the_sfrns_top_probability_over_the_labels():
+    # three classes, labels 0. Row 0: the SFRN half ranks the label first (share 1). Row 1: p = [1/6, 4/6, 1/6]
+    # (share 1 - 3/6). Row 2: its content is class 2 by 5 logits (a poisoned sample). Row 3: unsure (uniform): 1.
+    sfrn = [[2.0, 0.0, 0.0], [0.0, math.log(4), 0.0], [0.0, 0.0, 5.0], [0.0, 0.0, 0.0]]
+    parts = HandMade(sfrn, [[0.0] * 3] * 3 + [[9.0, 0.0, 0.0]])(None, return_parts=True)
+    labels = torch.zeros(4, dtype=torch.long)
+    poisoned = 1 - (math.exp(5) - 1) / (math.exp(5) + 2)
+    assert agreement_shares(parts, labels).tolist() == pytest.approx([1.0, 0.5, poisoned, 1.0], rel=1e-5)
+    assert agreement_shares(parts, labels, exponent=2.0).tolist() == pytest.approx([1.0, 0.25, poisoned ** 2, 1.0], rel=1e-5)
 
 
 def test_agreement_gives_the_sfrn_nothing_to_learn_a_trigger_from_while_the_ain_learns_it():
@@ -242,9 +243,10 @@ def test_agreement_gives_the_sfrn_nothing_to_learn_a_trigger_from_while_the_ain_
     assert loss.item() == pytest.approx(F.cross_entropy(model(None), labels).item())
     loss.backward()
     torch.testing.assert_close(model.sfrn_term.grad[:3], model.ain_term.grad[:3])
-    torch.testing.assert_close(model.sfrn_term.grad[3], math.exp(-4) * model.ain_term.grad[3])
-    assert model.ain_term.grad[3, 0] < -0.1  # the AIN is pushed towards the label in full
-    assert agree.log_values() == {"sfrn_share_clean": 1.0, "sfrn_share_poisoned": round(math.exp(-4), 4)}
+    share = 2 / (1 + math.exp(4))  # p_sfrn = [sigmoid(-4), sigmoid(4)]: 1 - (p_top - p_label) = 2 sigmoid(-4)
+    torch.testing.assert_close(model.sfrn_term.grad[3], share * model.ain_term.grad[3])
+    assert share < 0.04 and model.ain_term.grad[3, 0] < -0.1  # the AIN is pushed towards the label in full
+    assert agree.log_values() == {"sfrn_share_clean": 1.0, "sfrn_share_poisoned": round(share, 4)}
     residual = variant("residual")  # the same batch: the AIN explains nothing yet, so the residual gate is open
     residual.loss(model, _NO_IMAGES, labels, batch=_batch(range(4), [False] * 3 + [True]))
     assert residual.log_values()["sfrn_share_poisoned"] == 1.0
