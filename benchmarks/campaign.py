@@ -131,6 +131,21 @@ def check_plan(plan: Any, path: str | Path) -> dict[str, Any]:
     return plan
 
 
+def select(plan: dict[str, Any], *, attacks: str | None = None, models: str | None = None) -> dict[str, Any]:
+    """``plan`` narrowed to the named attacks and models (comma-separated; None keeps all); an unknown name is an
+    error naming the plan's own."""
+    plan = dict(plan)
+    for key, names in (("attacks", attacks), ("models", models)):
+        if names is None:
+            continue
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in plan[key]]
+        if unknown or not wanted:
+            raise PlanError(f"--{key} {names!r}: the plan's {key} are {', '.join(plan[key])}")
+        plan[key] = {n: plan[key][n] for n in wanted}
+    return plan
+
+
 def set_keys(plan: dict[str, Any], settings: list[str]) -> dict[str, Any]:
     """``plan`` with each dotted ``KEY=VALUE`` (a YAML value) set; the result is checked as a plan file is."""
     for text in settings:
@@ -355,10 +370,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change the plan, e.g. --set build.max_train=60 --set attacks.issba.params.steps=10 "
                              "(a trial at tiny scale of the plan a GPU window will run)")
+    parser.add_argument("--attacks", help="run only these of the plan's attacks (comma-separated)")
+    parser.add_argument("--models", help="run only these of the plan's models (comma-separated)")
     parser.add_argument("overrides", nargs="*", help="training overrides for every cell (e.g. train.cpu=true)")
     args = parser.parse_intermixed_args(argv)  # overrides may follow options
     try:
-        plan = set_keys(load_plan(args.plan), args.set)
+        plan = select(set_keys(load_plan(args.plan), args.set), attacks=args.attacks, models=args.models)
     except (OSError, yaml.YAMLError, PlanError) as e:
         parser.error(str(e))
     out = Path(args.out)

@@ -100,3 +100,14 @@ def test_a_plans_mistakes_are_refused_naming_them(tmp_path, change, message):
     path.write_text(yaml.safe_dump({**PLAN, **change}))
     with pytest.raises(PlanError, match=message):
         load_plan(path)
+
+
+def test_attacks_and_models_narrow_the_plan_and_an_unknown_name_is_refused():
+    from benchmarks.campaign import select
+
+    plan = {**PLAN, "attacks": {**PLAN["attacks"], "texture": {"attack": "blended", "target": 2}}}
+    narrowed = select(plan, attacks="texture", models="mcci")
+    assert list(narrowed["attacks"]) == ["texture"] and list(narrowed["models"]) == ["mcci"]
+    assert list(plan["attacks"]) == ["patch", "texture"]  # the plan itself is left as it was
+    with pytest.raises(PlanError, match="the plan's models are undefended, mcci"):
+        select(plan, models="residual")
