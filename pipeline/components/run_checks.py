@@ -10,7 +10,7 @@ from pipeline.support.errors import ConfigError, ShardError
 # What defines a run: resuming with any of these changed would not continue the same run.
 RUN_SECTIONS = ("model", "spectrum", "optim", "reference")
 RUN_KEYS = ("data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.mean", "data.std", "data.augment",
-            "data.decode",
+            "data.decode", "data.in_memory",
             "train.defense", "train.epochs", "train.seed", "train.mixed_precision", "train.grad_accumulation",
             "train.mcci_variant", "train.mcci_variant_weight", "train.isolate_epoch", "train.isolate_by",
             "train.isolate_fraction", "train.freeze_bn_stats", "train.ema_decay", "train.ema_warmup")

@@ -43,6 +43,7 @@ from pipeline.components.variants import EpochContext, Variant, ain_warmup_loss,
 from pipeline.data.batches import Batch
 from pipeline.data.loaders import check_first_samples, steps_per_epoch, train_loader
 from pipeline.data.manifest import load_manifest
+from pipeline.data.memory import DeviceSplit
 from pipeline.data.prefetch import device_batches, resolve_decode
 from pipeline.data.storage import ShardTally, StreamOptions
 from pipeline.data.transforms import InputTransform, ModelInputs
@@ -75,6 +76,7 @@ class Run:
     validating: bool
     probe_steps: int  # micro-batches of linear probe (optim.probe_epochs)
     ain_warmup_steps: int  # micro-batches in which the AIN alone learns (optim.ain_warmup_epochs, MCCI)
+    in_memory: DeviceSplit | None  # the train split on the device (data.in_memory), else streamed every epoch
 
     @property
     def out(self) -> Path:
@@ -289,7 +291,9 @@ def build_run(cfg: Config) -> Run:
                decode=resolve_decode(cfg.data.decode, manifest["image_format"], accelerator.device), stream=stream,
                input_dtype=deepspeed_input_dtype(accelerator), validating=validating,
                probe_steps=int(cfg.optim.probe_epochs * steps),
-               ain_warmup_steps=int(cfg.optim.ain_warmup_epochs * steps) if cfg.train.defense == "mcci" else 0)
+               ain_warmup_steps=int(cfg.optim.ain_warmup_epochs * steps) if cfg.train.defense == "mcci" else 0,
+               in_memory=DeviceSplit.load(cfg.data.shards, manifest, "train", accelerator.device, cfg.data.num_workers,
+                                          stream) if cfg.data.in_memory else None)
 
 
 def epoch_context(run: Run, state: TrainState) -> EpochContext:
@@ -402,11 +406,14 @@ def epoch_batches(run: Run, epoch: int, step: int) -> Iterator[Batch]:
     """The epoch's seeded stream on the device. After a mid-epoch resume the stream is replayed up to where the
     checkpoint was taken, so the data order (and so the result) matches an uninterrupted run."""
     cfg = run.cfg
-    loader = train_loader(cfg.data.shards, run.manifest, cfg.data.batch_size, run.steps, cfg.data.num_workers,
-                          cfg.data.shuffle_buffer, seed=cfg.train.seed * 7919 + run.accelerator.process_index,
-                          epoch=epoch, decode=run.decode, stream=run.stream)
     if step >= (epoch + 1) * run.steps:  # a checkpoint kept after the epoch's steps: only its end is left to do
         return iter(())
+    seed = cfg.train.seed * 7919 + run.accelerator.process_index
+    if run.in_memory is not None:
+        return itertools.islice(run.in_memory.epoch(cfg.data.batch_size, run.steps, seed, epoch),
+                                step - epoch * run.steps, None)
+    loader = train_loader(cfg.data.shards, run.manifest, cfg.data.batch_size, run.steps, cfg.data.num_workers,
+                          cfg.data.shuffle_buffer, seed=seed, epoch=epoch, decode=run.decode, stream=run.stream)
     return device_batches(itertools.islice(loader, step - epoch * run.steps, None), run.accelerator.device)
 
 

@@ -63,6 +63,9 @@ class DataConfig:
     eval_batch_size: int = setting(256, "images per evaluation batch", ge=1)
     num_workers: int = setting(2, "shard-reading processes per training process (0: in the main process)", ge=0)
     shuffle_buffer: int = setting(2000, "samples held for shuffling the stream", ge=1)
+    in_memory: bool = setting(False, "decode the train split once and keep it on the device, each epoch a seeded "
+                              "permutation of it (small data: CIFAR-10 is 154 MB); refused when it would take over "
+                              "half the free memory")
     decode: str = setting("auto", "auto: JPEG on the GPU (nvJPEG) when there is one, else in the workers; "
                           "workers: PIL in the loader's workers; device: torchvision on the device",
                           choices=("auto", "workers", "device"))
