@@ -94,6 +94,25 @@ def test_evaluation_reads_counts_back_once_not_per_batch(shards, monkeypatch):
     assert per_batch_size[BATCH] == per_batch_size[16]
 
 
+def test_several_models_in_one_pass_score_as_each_alone_reading_the_data_once(shards, monkeypatch):
+    """A run's raw weights and its EMA are validated together: each batch read once, each model's figures its own."""
+    import pipeline.components.evaluation as evaluation
+
+    manifest = load_manifest(str(shards))
+    images = _test_images(shards)
+    honest = _predictor(images, lambda y: y, lambda y: y)
+    constant = _predictor(images, lambda y: 0, lambda y: 0)
+    alone = {name: evaluate(model, str(shards), manifest, TRANSFORM, CPU, batch_size=BATCH, num_workers=0)
+             for name, model in (("raw", honest), ("ema", constant))}
+    reads = []
+    loader = evaluation.eval_loader
+    monkeypatch.setattr(evaluation, "eval_loader", lambda *a, **k: (reads.append(a[2]), loader(*a, **k))[1])
+    together = evaluation.evaluate_models({"raw": honest, "ema": constant}, str(shards), manifest, TRANSFORM, CPU,
+                                          batch_size=BATCH, num_workers=0)
+    assert together == alone and together["raw"] != together["ema"]
+    assert reads == ["test-clean", "test-poisoned"]  # one read of each split for both models
+
+
 @pytest.fixture(scope="module")
 def ordered_shards(tmp_path_factory) -> Path:
     """Shards whose trusted split, as a folder tree's, is stored in class order: 4 per class of 3."""

@@ -119,36 +119,57 @@ def evaluate(model: nn.Module, location: str, manifest: dict[str, Any], transfor
     """Metrics per mode (default: every mode of the model). ``reduce`` sums count tensors across
     ranks (identity in one process). ``parts`` (MCCI): a dict filled with PART_FIGURES, how each half of the head
     treats the triggered inputs, for the training log."""
-    model.eval()
-    is_mcci = isinstance(model, MCCI)
-    modes = modes or (MCCI_MODES if is_mcci else ("plain",))
-    # one row of Counts per mode, summed on the device and read back once at the end
-    totals = Counts().as_tensor().repeat(len(modes), 1).to(device)
+    return evaluate_models({"model": model}, location, manifest, transform, device, batch_size, num_workers, reduce,
+                           autocast, modes, stream, None if parts is None else {"model": parts})["model"]
+
+
+@torch.no_grad()
+def evaluate_models(models: dict[str, nn.Module], location: str, manifest: dict[str, Any], transform: InputTransform,
+                    device: torch.device, batch_size: int, num_workers: int,
+                    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                    autocast: Callable[[], Any] | None = None, modes: tuple[str, ...] | None = None,
+                    stream: StreamOptions = DEFAULT_STREAM,
+                    parts: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """``evaluate`` of several models (a run's raw weights and its EMA) in one pass over the test splits: each
+    batch is read, decoded and transformed once, and each model scores it in all its modes. Models share the data,
+    so their figures are over the same samples. ``parts``: a dict per model name to fill (MCCI models)."""
+    totals, part_sums, chosen = {}, {}, {}
+    for name, model in models.items():
+        model.eval()
+        is_mcci = isinstance(model, MCCI)
+        chosen[name] = modes or (MCCI_MODES if is_mcci else ("plain",))
+        # one row of Counts per mode, summed on the device and read back once at the end
+        totals[name] = Counts().as_tensor().repeat(len(chosen[name]), 1).to(device)
+        if parts is not None and name in parts and is_mcci:
+            part_sums[name] = torch.zeros(7, device=device)  # PART_FIGURES' sums, the triggered count, the clean one
     # attack_mode, not mode: the loop below names the inference mode
     target, attack_mode, num_classes = int(manifest["target"]), manifest.get("mode", "all-to-one"), manifest["num_classes"]
     ctx = autocast or (lambda: torch.autocast(device.type, enabled=False))
-    diagnose = parts is not None and is_mcci
-    part_sums = torch.zeros(6, device=device)
-    clean_count = torch.zeros((), device=device)
     for split in ("test-clean", "test-poisoned"):
         for batch in eval_loader(location, manifest, split, batch_size, num_workers, stream=stream):
             batch = batch.to(device)
             targets = attack_targets(batch.orig_labels, target, attack_mode, num_classes)
             inputs = transform(batch.images, train=False)
-            with ctx():
-                preds, features = _predictions(model, inputs, modes, diagnose)
-                if diagnose:
-                    part_sums += _part_sums(model, features, preds["mind_control"], batch.orig_labels, targets, split)
-                    clean_count += len(batch.orig_labels) if split == "test-clean" else 0
-            for row, pred in zip(totals, (preds[mode] for mode in modes)):
-                if split == "test-clean":
-                    row[Counts.CLEAN] += count_clean(pred, batch.orig_labels)
-                else:
-                    row[Counts.TRIGGERED] += count_triggered(pred, batch.orig_labels, targets)
-    results = {m: Counts.from_tensor(row).metrics() for m, row in zip(modes, reduce(totals).cpu())}
-    if diagnose:
-        sums = reduce(torch.cat([part_sums, clean_count[None]])).tolist()
-        triggered, clean = max(sums[5], 1.0), max(sums[6], 1.0)
-        parts.update({name: round(sums[i] / (clean if name.endswith("_clean") else triggered), 4)
-                      for i, name in enumerate(PART_FIGURES)})
-    return results if is_mcci else results["plain"]
+            for name, model in models.items():
+                diagnose = name in part_sums
+                with ctx():
+                    preds, features = _predictions(model, inputs, chosen[name], diagnose)
+                    if diagnose:
+                        part_sums[name][:6] += _part_sums(model, features, preds["mind_control"], batch.orig_labels,
+                                                          targets, split)
+                        part_sums[name][6] += len(batch.orig_labels) if split == "test-clean" else 0
+                for row, pred in zip(totals[name], (preds[mode] for mode in chosen[name])):
+                    if split == "test-clean":
+                        row[Counts.CLEAN] += count_clean(pred, batch.orig_labels)
+                    else:
+                        row[Counts.TRIGGERED] += count_triggered(pred, batch.orig_labels, targets)
+    results = {}
+    for name, model in models.items():
+        by_mode = {m: Counts.from_tensor(row).metrics() for m, row in zip(chosen[name], reduce(totals[name]).cpu())}
+        results[name] = by_mode if isinstance(model, MCCI) else by_mode["plain"]
+        if name in part_sums:
+            sums = reduce(part_sums[name]).tolist()
+            triggered, clean = max(sums[5], 1.0), max(sums[6], 1.0)
+            parts[name].update({figure: round(sums[i] / (clean if figure.endswith("_clean") else triggered), 4)
+                                for i, figure in enumerate(PART_FIGURES)})
+    return results

@@ -473,18 +473,17 @@ def write_log_line(run: Run, state: TrainState, epoch: int, grad_norm: torch.Ten
 def validate_epoch(run: Run, state: TrainState, epoch: int, val_log: TextIO | None) -> None:
     """CA / ASR / RA of the raw weights (and the EMA's) per inference mode, and for MCCI where each half of the
     head puts the triggered inputs (``evaluation.PART_FIGURES``), one ``val_log.jsonl`` line per weights and mode."""
-    candidates = [("raw", run.network)] + ([("ema", run.ema.module)] if run.ema is not None else [])
-    for weights, candidate in candidates:
-        parts: dict[str, float] = {}
-        before = skipped(run) if run.stream.skip_bad_shards else None
-        results = validate(candidate, run.cfg, run.manifest, run.transform, run.accelerator.device,
-                           run.eval_autocast, lambda t: run.accelerator.reduce(t, "sum"), parts=parts,
-                           stream=run.stream)
+    candidates = {"raw": run.network, **({"ema": run.ema.module} if run.ema is not None else {})}
+    parts: dict[str, dict[str, float]] = {weights: {} for weights in candidates}
+    before = skipped(run) if run.stream.skip_bad_shards else None
+    figures = validate(candidates, run.cfg, run.manifest, run.transform, run.accelerator.device, run.eval_autocast,
+                       lambda t: run.accelerator.reduce(t, "sum"), parts=parts, stream=run.stream)
+    # figures over fewer samples than the test splits hold say so
+    lost = {"skipped_samples": skipped(run)["samples"] - before["samples"]} if before is not None else {}
+    for weights, results in figures.items():
         run.accelerator.print(describe(epoch + 1, weights, results))
-        rows = {mode: {**metrics, **(parts if mode == "own" else {})} for mode, metrics in results.items()}
-        if before is not None:  # figures over fewer samples than the test splits hold say so
-            lost = skipped(run)["samples"] - before["samples"]
-            rows = {mode: {**metrics, "skipped_samples": lost} for mode, metrics in rows.items()}
+        rows = {mode: {**metrics, **(parts[weights] if mode == "own" else {}), **lost}
+                for mode, metrics in results.items()}
         if val_log:
             for mode, metrics in rows.items():
                 val_log.write(json.dumps({"step": state.step, "epoch": epoch + 1, "weights": weights, "mode": mode,
