@@ -1,6 +1,7 @@
 """data.in_memory: the train split decoded once onto the device, each epoch a seeded permutation cut into batches;
 the samples are the shards' own, a resumed run is the uninterrupted one, and a split too large is refused first."""
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,21 @@ def test_an_in_memory_run_trains_and_resumes_to_the_uninterrupted_runs_weights(t
     b = load_file(str(crashed / "model" / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_the_fast_cifar_recipe_trains_at_tiny_scale_on_the_cpu(tiny_shards, tmp_path):
+    """configs/cifar10_preact_fast.yaml as a GPU window runs it (in memory, bf16, channels-last, compiled), shrunk to
+    the tiny shards and the CPU; the compile backend is aot_eager, which needs no C++ toolchain."""
+    import json
+
+    out = tmp_path / "fast"
+    config = Path(__file__).resolve().parent.parent / "configs" / "cifar10_preact_fast.yaml"
+    main(["train", "--config", str(config), f"data.shards={tiny_shards}", f"train.out={out}",
+          "train.cpu=true", "train.compile=aot_eager", "data.batch_size=8", "data.num_workers=0", "train.epochs=2",
+          "train.eval_every=1", "optim.warmup_epochs=0.5", "reference.count=4", "data.mean=[0.5,0.5,0.5]",
+          "data.std=[0.5,0.5,0.5]"])
+    assert (out / "model" / "model.safetensors").is_file()
+    epochs = [json.loads(line) for line in (out / "val_log.jsonl").read_text().splitlines()]
+    assert {(r["epoch"], r["mode"]) for r in epochs} == {(e, m) for e in (1, 2) for m in ("own", "mind_control")}
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 10  # 42 images, batches of 8: 5 full batches an epoch
