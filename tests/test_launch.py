@@ -104,3 +104,40 @@ def test_multinode_script_names_the_missing_variable(stubs, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode != 0 and "NODE_RANK" in r.stderr
     assert not list(calls.iterdir())
+
+
+def test_a_gpu_window_runs_its_plan_returns_two_files_and_the_next_window_skips_what_it_finished(tmp_path):
+    """launch/gpu_window.sh at tiny scale on the CPU, as a device call runs it: the campaign's summary and archive
+    land in $OUT; a second window on a fresh machine, given the first's cells, trains nothing again."""
+    import sys
+    import tarfile
+
+    import yaml
+
+    from conftest import make_image_tree
+    from test_campaign import PLAN
+
+    window = tmp_path / "window"
+    make_image_tree(window / "data" / "data", classes=3, per_class=16, test_per_class=4)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({**PLAN, "models": {"undefended": ["train.defense=none"]}}))
+
+    def window_run(runs: Path, out: Path) -> subprocess.CompletedProcess:
+        out.mkdir()
+        env = {**os.environ, "WINDOW": str(window), "RUNS": str(runs), "OUT": str(out), "PYTHON": sys.executable}
+        return subprocess.run(["bash", str(ROOT / "launch" / "gpu_window.sh"), str(plan), "600", "--parallel", "1"],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+
+    first = window_run(tmp_path / "runs1", tmp_path / "out1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out1").iterdir()) == ["campaign.json", "results.tar.gz"]
+    with tarfile.open(tmp_path / "out1" / "results.tar.gz") as tar:  # as the next session unpacks it
+        cells = [m for m in tar.getmembers() if m.name.startswith("cells/")]
+        tar.extractall(window, members=cells, filter="data")
+    assert [m.name for m in cells] == ["cells/patch--undefended--s0.json"]
+
+    second = window_run(tmp_path / "runs2", tmp_path / "out2")
+    assert second.returncode == 0, second.stderr[-2000:]
+    outcomes = json.loads((tmp_path / "out2" / "campaign.json").read_text())["outcomes"]
+    assert outcomes == {"patch--undefended--s0": "done before"}
+    assert not (tmp_path / "runs2" / "runs").exists()  # nothing trained
