@@ -1,6 +1,8 @@
 """data.in_memory: the train split decoded once onto the device, each epoch a seeded permutation cut into batches;
 the samples are the shards' own, a resumed run is the uninterrupted one, and a split too large is refused first."""
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,10 +89,12 @@ def test_the_fast_cifar_recipe_trains_at_tiny_scale_on_the_cpu(tiny_shards, tmp_
 
     out = tmp_path / "fast"
     config = Path(__file__).resolve().parent.parent / "configs" / "cifar10_preact_fast.yaml"
-    main(["train", "--config", str(config), f"data.shards={tiny_shards}", f"train.out={out}",
-          "train.cpu=true", "train.compile=aot_eager", "data.batch_size=8", "data.num_workers=0", "train.epochs=2",
-          "train.eval_every=1", "optim.warmup_epochs=0.5", "reference.count=4", "data.mean=[0.5,0.5,0.5]",
-          "data.std=[0.5,0.5,0.5]"])
+    # its own process: Accelerate's state (and so the recipe's bf16) is fixed once per process
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--config", str(config), f"data.shards={tiny_shards}",
+                    f"train.out={out}", "train.cpu=true", "train.compile=aot_eager", "data.batch_size=8",
+                    "data.num_workers=0", "train.epochs=2", "train.eval_every=1", "optim.warmup_epochs=0.5",
+                    "reference.count=4", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"],
+                   check=True, capture_output=True, timeout=600)
     assert (out / "model" / "model.safetensors").is_file()
     epochs = [json.loads(line) for line in (out / "val_log.jsonl").read_text().splitlines()]
     assert {(r["epoch"], r["mode"]) for r in epochs} == {(e, m) for e in (1, 2) for m in ("own", "mind_control")}
