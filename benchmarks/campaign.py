@@ -48,6 +48,7 @@ from typing import Any
 import yaml
 
 from benchmarks.common import ROOT, machine
+from pipeline.components.evaluation import PART_FIGURES
 from pipeline.components.validation import VAL_LOG
 from pipeline.support.metrics import defense_effectiveness_rating
 from pipeline.support.report import result_sets, write_json
@@ -302,13 +303,18 @@ def summary(campaign: Campaign) -> dict[str, Any]:
 
 def curves(cells) -> list[dict[str, Any]]:
     """Each cell's validation after every epoch, of each weight set, in the mode it is judged by (mind control for
-    MCCI models, the plain prediction for undefended ones): whether a defence holds to the last epoch."""
+    MCCI models, the plain prediction for undefended ones): whether a defence holds to the last epoch. An MCCI row
+    also carries where each half of the head put the triggered inputs that epoch (``PART_FIGURES``, logged with
+    the model's own mode): why it holds or not."""
     rows = []
     for record in cells:
+        own = {(r["epoch"], r["weights"]): r for r in record["epochs"] if r.get("mode") == "own"}
         for row in record["epochs"]:
             if row.get("mode") in ("plain", "mind_control"):
+                parts = own.get((row["epoch"], row["weights"]), {})
                 rows.append({"attack": record["attack"], "model": record["model"], "seed": record["seed"],
-                             **{k: row[k] for k in ("epoch", "weights", "mode", "clean_acc", "asr", "ra")}})
+                             **{k: row[k] for k in ("epoch", "weights", "mode", "clean_acc", "asr", "ra")},
+                             **{k: parts[k] for k in PART_FIGURES if k in parts}})
     return rows
 
 

@@ -49,8 +49,10 @@ def test_a_campaign_writes_one_json_per_cell_then_skips_them(plan, tmp_path, cap
         (m, e, w, "plain" if m == "undefended" else "mind_control") for m in ("undefended", "mcci") for e in (1, 2)
         for w in ("raw", "ema")}
     mc = next(r for r in mcci["epochs"] if (r["epoch"], r["weights"], r["mode"]) == (2, "raw", "mind_control"))
-    assert next(r for r in summary["curves"] if (r["model"], r["epoch"], r["weights"]) == ("mcci", 2, "raw"))[
-        "asr"] == mc["asr"]
+    curve = next(r for r in summary["curves"] if (r["model"], r["epoch"], r["weights"]) == ("mcci", 2, "raw"))
+    own = next(r for r in mcci["epochs"] if (r["epoch"], r["weights"], r["mode"]) == (2, "raw", "own"))
+    assert curve["asr"] == mc["asr"] and curve["ain_target_margin"] == own["ain_target_margin"]
+    assert not any("ain_target_margin" in r for r in summary["curves"] if r["model"] == "undefended")
     assert (out / "results.tar.gz").stat().st_size > 0
 
     stamp = (out / "cells" / "patch--mcci--s0.json").stat().st_mtime_ns
