@@ -69,13 +69,22 @@ def test_known_predictors_score_what_they_are(shards):
     def score(model: nn.Module) -> dict[str, float]:
         return evaluate(model, str(shards), manifest, TRANSFORM, CPU, batch_size=BATCH, num_workers=0)
 
-    assert score(_predictor(images, lambda y: y, target_of)) == {"clean_acc": 1.0, "asr": 1.0, "ra": 0.0}
-    assert score(_predictor(images, lambda y: y, lambda y: y)) == {"clean_acc": 1.0, "asr": 0.0, "ra": 1.0}
+    every_class = [1.0] * CLASSES
+    assert score(_predictor(images, lambda y: y, target_of)) == {"clean_acc": 1.0, "asr": 1.0, "ra": 0.0,
+                                                                 "clean_acc_by_class": every_class}
+    assert score(_predictor(images, lambda y: y, lambda y: y)) == {"clean_acc": 1.0, "asr": 0.0, "ra": 1.0,
+                                                                   "clean_acc_by_class": every_class}
     for c in range(CLASSES):
         expected = {"clean_acc": clean_labels.count(c) / len(clean_labels),
                     "asr": sum(target_of(y) == c for y in attacked) / len(attacked),
                     "ra": attacked.count(c) / len(attacked)}
-        assert score(_predictor(images, lambda y: c, lambda y: c)) == pytest.approx(expected), c
+        figures = score(_predictor(images, lambda y: c, lambda y: c))
+        assert figures.pop("clean_acc_by_class") == [float(k == c) for k in range(CLASSES)]  # only class c's right
+        assert figures == pytest.approx(expected), c
+    # class 2's clean images called class 0: class 2 at 0, the others whole, and the average CA over all images
+    shifted = score(_predictor(images, lambda y: 0 if y == 2 else y, lambda y: y))
+    assert shifted["clean_acc_by_class"] == [1.0, 1.0, 0.0]
+    assert shifted["clean_acc"] == pytest.approx(1 - clean_labels.count(2) / len(clean_labels))
 
 
 def test_evaluation_reads_counts_back_once_not_per_batch(shards, monkeypatch):

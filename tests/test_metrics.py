@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from pipeline.support.metrics import (Counts, attack_success_rate, clean_accuracy, count_triggered,
-                                      defense_effectiveness_rating, recovery_accuracy)
+from pipeline.support.metrics import (Counts, attack_success_rate, class_accuracies, clean_accuracy,
+                                      count_clean_by_class, count_triggered, defense_effectiveness_rating,
+                                      recovery_accuracy)
 
 
 def test_hand_built_predictions():
@@ -13,6 +14,14 @@ def test_hand_built_predictions():
     assert attack_success_rate(pred, true, target=2) == 0.5
     assert recovery_accuracy(pred, true, target=2) == 0.5
     assert count_triggered(pred, true, target=2).tolist() == [1, 1, 2]
+
+
+def test_accuracy_by_class_from_hand_built_predictions():
+    labels = torch.tensor([0, 0, 0, 2, 2, 1])
+    pred = torch.tensor([0, 1, 0, 2, 0, 0])
+    counts = count_clean_by_class(pred, labels, num_classes=4)
+    assert counts.tolist() == [[2, 0, 1, 0], [3, 1, 2, 0]]
+    assert class_accuracies(counts + count_clean_by_class(pred, labels, 4)) == [0.6667, 0.0, 0.5, None]  # no class 3
 
 
 def test_asr_respects_a_non_zero_target():

@@ -222,7 +222,8 @@ def test_validation_each_epoch_matches_eval_of_the_saved_model(trained, tiny_sha
           "--device", "cpu", "--out", str(tmp_path / "m.json")])
     evaluated = json.loads((tmp_path / "m.json").read_text())["mcci"]
     # the last validation used the reference the saved model keeps: the same figures as `mcci eval`
-    assert {r["mode"]: {k: r[k] for k in ("clean_acc", "asr", "ra")} for r in records} == evaluated
+    figures = ("clean_acc", "asr", "ra", "clean_acc_by_class")
+    assert {r["mode"]: {k: r[k] for k in figures} for r in records} == evaluated
 
 
 def test_frozen_bn_stats_keep_the_sfrns_and_train_the_ains(tiny_shards, tmp_path):
@@ -361,7 +362,8 @@ def test_trackers_auto_named_and_refused(tiny_shards, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent)).Reload()
-    assert {"train/loss", "val/raw/mind_control/asr"} <= set(events.Tags()["scalars"])
+    # a per-class figure is one scalar a class
+    assert {"train/loss", "val/raw/mind_control/asr", "val/raw/own/clean_acc_by_class/0"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
 
 

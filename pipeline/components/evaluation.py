@@ -17,7 +17,8 @@ from pipeline.data.prefetch import to_device
 from pipeline.data.storage import DEFAULT_STREAM, StreamOptions
 from pipeline.data.transforms import InputTransform
 from pipeline.support.errors import ShardError
-from pipeline.support.metrics import Counts, attack_targets, count_clean, count_triggered
+from pipeline.support.metrics import (Counts, attack_targets, class_accuracies, count_clean, count_clean_by_class,
+                                      count_triggered)
 
 MCCI_MODES = ("own", "mind_control")
 
@@ -132,18 +133,21 @@ def evaluate_models(models: dict[str, nn.Module], location: str, manifest: dict[
                     parts: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """``evaluate`` of several models (a run's raw weights and its EMA) in one pass over the test splits: each
     batch is read, decoded and transformed once, and each model scores it in all its modes. Models share the data,
-    so their figures are over the same samples. ``parts``: a dict per model name to fill (MCCI models)."""
-    totals, part_sums, chosen = {}, {}, {}
+    so their figures are over the same samples. Each mode's figures include ``clean_acc_by_class`` (CA of each
+    class's clean test images, by label): an average CA can hide one class given up, as a shifted class prior
+    would. ``parts``: a dict per model name to fill (MCCI models)."""
+    totals, by_class, part_sums, chosen = {}, {}, {}, {}
+    # attack_mode, not mode: the loop below names the inference mode
+    target, attack_mode, num_classes = int(manifest["target"]), manifest.get("mode", "all-to-one"), manifest["num_classes"]
     for name, model in models.items():
         model.eval()
         is_mcci = isinstance(model, MCCI)
         chosen[name] = modes or (MCCI_MODES if is_mcci else ("plain",))
         # one row of Counts per mode, summed on the device and read back once at the end
         totals[name] = Counts().as_tensor().repeat(len(chosen[name]), 1).to(device)
+        by_class[name] = torch.zeros(len(chosen[name]), 2, num_classes, dtype=torch.long, device=device)
         if parts is not None and name in parts and is_mcci:
             part_sums[name] = torch.zeros(7, device=device)  # PART_FIGURES' sums, the triggered count, the clean one
-    # attack_mode, not mode: the loop below names the inference mode
-    target, attack_mode, num_classes = int(manifest["target"]), manifest.get("mode", "all-to-one"), manifest["num_classes"]
     ctx = autocast or (lambda: torch.autocast(device.type, enabled=False))
     for split in ("test-clean", "test-poisoned"):
         for batch in eval_loader(location, manifest, split, batch_size, num_workers, stream=stream):
@@ -158,14 +162,16 @@ def evaluate_models(models: dict[str, nn.Module], location: str, manifest: dict[
                         part_sums[name][:6] += _part_sums(model, features, preds["mind_control"], batch.orig_labels,
                                                           targets, split)
                         part_sums[name][6] += len(batch.orig_labels) if split == "test-clean" else 0
-                for row, pred in zip(totals[name], (preds[mode] for mode in chosen[name])):
+                for row, classes, pred in zip(totals[name], by_class[name], (preds[mode] for mode in chosen[name])):
                     if split == "test-clean":
                         row[Counts.CLEAN] += count_clean(pred, batch.orig_labels)
+                        classes += count_clean_by_class(pred, batch.orig_labels, num_classes)
                     else:
                         row[Counts.TRIGGERED] += count_triggered(pred, batch.orig_labels, targets)
     results = {}
     for name, model in models.items():
-        by_mode = {m: Counts.from_tensor(row).metrics() for m, row in zip(chosen[name], reduce(totals[name]).cpu())}
+        by_mode = {m: {**Counts.from_tensor(row).metrics(), "clean_acc_by_class": class_accuracies(classes)}
+                   for m, row, classes in zip(chosen[name], reduce(totals[name]).cpu(), reduce(by_class[name]).cpu())}
         results[name] = by_mode if isinstance(model, MCCI) else by_mode["plain"]
         if name in part_sums:
             sums = reduce(part_sums[name]).tolist()

@@ -470,6 +470,17 @@ def write_log_line(run: Run, state: TrainState, epoch: int, grad_norm: torch.Ten
     state.reset_window()
 
 
+def tracker_scalars(prefix: str, rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``rows`` (mode -> figures) as the trackers' scalars: a per-class list becomes one scalar a class (``.../3``),
+    a class without test images none."""
+    flat = {}
+    for mode, figures in rows.items():
+        for key, value in figures.items():
+            items = enumerate(value) if isinstance(value, list) else [(None, value)]
+            flat.update({f"{prefix}/{mode}/{key}" + ("" if i is None else f"/{i}"): v for i, v in items if v is not None})
+    return flat
+
+
 def validate_epoch(run: Run, state: TrainState, epoch: int, val_log: TextIO | None) -> None:
     """CA / ASR / RA of the raw weights (and the EMA's) per inference mode, and for MCCI where each half of the
     head puts the triggered inputs (``evaluation.PART_FIGURES``), one ``val_log.jsonl`` line per weights and mode."""
@@ -489,8 +500,7 @@ def validate_epoch(run: Run, state: TrainState, epoch: int, val_log: TextIO | No
                 val_log.write(json.dumps({"step": state.step, "epoch": epoch + 1, "weights": weights, "mode": mode,
                                           **metrics}) + "\n")
             val_log.flush()
-        run.accelerator.log({f"val/{weights}/{mode}/{k}": v for mode, m in rows.items() for k, v in m.items()},
-                            step=state.step)
+        run.accelerator.log(tracker_scalars(f"val/{weights}", rows), step=state.step)
 
 
 def train(cfg: Config) -> Path:

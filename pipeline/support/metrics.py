@@ -46,6 +46,22 @@ def count_clean(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([pred == labels, torch.ones_like(labels, dtype=torch.bool)]).sum(1)
 
 
+def count_clean_by_class(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[correct, total] per class of ``labels``, a long tensor [2, num_classes] on the predictions' device (a scatter,
+    not boolean indexing, so no host sync)."""
+    counts = torch.zeros(2, num_classes, dtype=torch.long, device=labels.device)
+    counts[0].scatter_add_(0, labels, (pred == labels).long())
+    counts[1].scatter_add_(0, labels, torch.ones_like(labels))
+    return counts
+
+
+def class_accuracies(counts: torch.Tensor) -> list[float | None]:
+    """Each class's accuracy from ``count_clean_by_class``'s sums, rounded to 4 places; None for a class without
+    test images."""
+    correct, total = counts.tolist()
+    return [round(c / t, 4) if t else None for c, t in zip(correct, total)]
+
+
 def attack_targets(true_labels: torch.Tensor, target: int, mode: str = "all-to-one",
                    num_classes: int | None = None) -> torch.Tensor:
     """The label a triggered input is attacked towards: ``target``, or y + 1 mod K for all-to-all."""
