@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from pipeline.cli import main
 from pipeline.data.batches import Batch
 from pipeline.data.loaders import eval_loader
 from pipeline.data.manifest import load_manifest
-from pipeline.data.memory import DeviceSplit, check_fits
+from pipeline.data.memory import DeviceSplit, check_fits, free_bytes
 from pipeline.data.storage import DEFAULT_STREAM
 from pipeline.support.errors import ConfigError
 
@@ -65,6 +66,16 @@ def test_a_split_larger_than_half_the_free_memory_is_refused_naming_the_fix():
     assert check_fits(100, 32, CPU, free=10**9) == 100 * 3 * 32 * 32
     with pytest.raises(ConfigError, match=r"50,000 images at 224 px.*set data.in_memory=false"):
         check_fits(50_000, 224, CPU, free=10**9)
+
+
+def test_the_host_memory_checked_is_what_the_os_says_is_available(monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=3 * 2**30, total=4 * 2**30))
+    assert free_bytes(CPU) == 3 * 2**30
+    check_fits(20_000, 128, CPU)  # 0.92 GiB decoded: under half of 3 GiB
+    with pytest.raises(ConfigError, match=r"1.83 GiB decoded .* more than 50% of the 3.00 GiB free on cpu"):
+        check_fits(40_000, 128, CPU)
 
 
 def test_an_in_memory_run_trains_and_resumes_to_the_uninterrupted_runs_weights(tiny_shards, tmp_path):

@@ -10,10 +10,10 @@ run differs from a streamed one only in its sample order.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import psutil
 import torch
 from webdataset.utils import make_seed
 
@@ -27,10 +27,11 @@ MEMORY_SHARE = 0.5  # of the free memory the split may take, leaving the rest to
 
 
 def free_bytes(device: torch.device) -> int:
-    """Free memory where the split will live: the GPU's (CUDA) or the host's."""
+    """Free memory where the split will live: the GPU's (CUDA) or the host's available memory (psutil, which
+    Accelerate requires: any OS, and the page cache the kernel would give back counts as free)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return psutil.virtual_memory().available
 
 
 def check_fits(count: int, image_size: int, device: torch.device, free: int | None = None) -> int:
