@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parallel", type=int, default=2, help="cells (and shard builds) at a time")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change the plan, e.g. --set build.max_train=60 --set attacks.issba.params.steps=10 "
-                             "(a trial at tiny scale of the plan a GPU window will run)")
+                             "--set attacks.issba.params.min_bit_accuracy=0 (a trial at tiny scale of the plan a GPU "
+                             "window will run: an encoder trained 10 steps reads no code, which is otherwise refused)")
     parser.add_argument("--attacks", help="run only these of the plan's attacks (comma-separated)")
     parser.add_argument("--models", help="run only these of the plan's models (comma-separated)")
     parser.add_argument("overrides", nargs="*", help="training overrides for every cell (e.g. train.cpu=true)")

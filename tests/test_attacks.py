@@ -457,6 +457,19 @@ def test_issba_hides_a_code_with_a_different_bounded_perturbation_per_image(tmp_
     assert 0.5 < attack.params["resolved_mean_abs_change"] < 16
 
 
+def test_an_issba_encoder_stuck_at_chance_starts_again_then_is_refused(tmp_path, capsys):
+    from shards.errors import ShardBuildError
+
+    context, _ = array_context(tmp_path, size=16)
+    # lr 0: the decoder cannot leave chance, so every start is stuck
+    attack = build_attack("issba", {"steps": 40, "batch": 8, "width": 4, "lr": 0.0, "restarts": 1}, 16, seed=0)
+    with pytest.raises(ShardBuildError, match=r"reads back .* of the code's bits .* carry no trigger.*steps"):
+        attack.prepare(context)
+    out = capsys.readouterr().out
+    assert out.count("starting again from another initialisation") == 1  # the first start only: the last runs out
+    assert "(attempt 1 of 2)" in out
+
+
 def test_all_to_all_relabels_y_to_y_plus_one(image_tree, tmp_path):
     import json
 

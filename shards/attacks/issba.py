@@ -7,6 +7,11 @@ the residual; or it is loaded from ``encoder_file`` (a safetensors file this att
 in the shard folder's ``assets/``). The code is ``code_bits`` seeded bits, the same for every poisoned
 image. Smaller than StegaStamp (no U-Net, no perceptual loss, ``max_residual`` bounds each pixel's
 change instead), so it trains in a minute on a CPU at 32 px.
+
+From some starts the decoder never leaves chance (seen at 128 px: bit loss ln 2 for all 1,000 steps, where another
+draw of the data left it by step 75): training starts again from another initialisation when the bit loss is
+still at chance a quarter of the way in (``restarts`` times), and an encoder whose code cannot be read back from
+the poisoned images (``min_bit_accuracy``) is refused rather than written into shards that would carry no trigger.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from shards.attacks.surrogate import to_tensor, to_uint8
 from shards.errors import ShardBuildError
 
 CODE_GRID = 8  # the code is written onto an 8x8 map, upsampled to the image
+AT_CHANCE = 0.68  # a bit loss above this is chance (ln 2 = 0.693): the decoder reads nothing yet
 
 
 class StegaEncoder(nn.Module):
@@ -66,7 +72,7 @@ class StegaDecoder(nn.Module):
 @register("issba")
 class ISSBA(Attack):
     defaults = {"encoder_file": None, "code_bits": 32, "width": 16, "max_residual": 16 / 255, "l2_weight": 3.0,
-                "steps": 1000, "batch": 32, "lr": 2e-3, "max_images": 20000}
+                "steps": 1000, "batch": 32, "lr": 2e-3, "max_images": 20000, "restarts": 2, "min_bit_accuracy": 0.9}
 
     def __init__(self, params, image_size, seed):
         super().__init__(params, image_size, seed)
@@ -104,19 +110,48 @@ class ISSBA(Attack):
         poisoned = np.stack([self.apply(image, int(i)) for image, i in zip(clean, sample)])
         self.params["resolved_bit_accuracy"] = round(self.bit_accuracy(poisoned), 4)
         self.params["resolved_mean_abs_change"] = round(float(np.abs(poisoned.astype(int) - clean).mean()), 3)
+        if self.params["resolved_bit_accuracy"] < float(self.params["min_bit_accuracy"]):
+            # the poisoned images would carry no code: shards that look attacked but hold no trigger
+            raise ShardBuildError(
+                f"issba: the decoder reads back {self.params['resolved_bit_accuracy']:.1%} of the code's bits from the "
+                f"poisoned images (chance: 50 %, needed: {float(self.params['min_bit_accuracy']):.0%}), so they carry "
+                "no trigger; train the encoder longer or harder (--attack-params with issba: {steps: 3000} or "
+                "{lr: 0.005}), on more images, or give an encoder_file that worked")
 
     def _train(self, context: AttackContext) -> None:
-        p, dev, rng = self.params, default_device(), self.rng(0x155BB)
+        p, rng = self.params, self.rng(0x155BB)
         chosen = context.clean_train
         if len(chosen) > int(p["max_images"]):
             chosen = np.sort(rng.choice(chosen, size=int(p["max_images"]), replace=False))
         images = to_tensor(context.pixels("train", chosen), torch.device("cpu"))
-        torch.manual_seed(self.seed)
-        encoder, decoder = (m.to(dev) for m in self._networks())
+        for attempt in range(int(p["restarts"]) + 1):
+            torch.manual_seed(self.seed + attempt)
+            encoder, decoder = self._networks()
+            if self._fit(encoder, decoder, images, rng, context.progress, attempt):
+                break
+            print(f"issba: the encoder's bit loss is still at chance after {int(p['steps']) // 4} steps (attempt "
+                  f"{attempt + 1} of {int(p['restarts']) + 1}); starting again from another initialisation", flush=True)
+        self.encoder, self.decoder = encoder.cpu().eval(), decoder.cpu().eval()
+        context.assets_dir.mkdir(parents=True, exist_ok=True)
+        path = context.assets_dir / "issba_encoder.safetensors"
+        weights = {**{f"encoder.{k}": v for k, v in self.encoder.state_dict().items()},
+                   **{f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}}
+        stored_params = {k: p[k] for k in ("code_bits", "width", "max_residual")}
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={"issba": json.dumps(stored_params)})
+        self.record_asset("encoder", path)
+
+    def _fit(self, encoder: StegaEncoder, decoder: StegaDecoder, images: torch.Tensor, rng: np.random.Generator,
+             progress: bool, attempt: int) -> bool:
+        """Train the pair in place; False (stopped early) when the bit loss is still at chance a quarter of the way
+        in: the decoder found nothing to read, which more steps of the same start rarely change (seen at 128 px)."""
+        p, dev = self.params, default_device()
+        encoder.to(dev), decoder.to(dev)
         optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=float(p["lr"]))
-        steps = int(p["steps"])
-        bar = tqdm(range(steps), desc="ISSBA: training the encoder", disable=not context.progress)
+        steps, recent = int(p["steps"]), []
+        bar = tqdm(range(steps), desc=f"ISSBA: training the encoder (attempt {attempt + 1})", disable=not progress)
         for step in bar:
+            if step == steps // 4 and attempt < int(p["restarts"]) and recent and min(recent) > AT_CHANCE:
+                return False
             x = images[torch.from_numpy(rng.choice(len(images), size=int(p["batch"])))].to(dev)
             code = torch.from_numpy(rng.integers(0, 2, size=(len(x), int(p["code_bits"]))).astype(np.float32)).to(dev)
             encoded = encoder(x, code)
@@ -129,15 +164,9 @@ class ISSBA(Attack):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            bar.set_postfix(bits=f"{loss_bits.item():.3f}")
-        self.encoder, self.decoder = encoder.cpu().eval(), decoder.cpu().eval()
-        context.assets_dir.mkdir(parents=True, exist_ok=True)
-        path = context.assets_dir / "issba_encoder.safetensors"
-        weights = {**{f"encoder.{k}": v for k, v in self.encoder.state_dict().items()},
-                   **{f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}}
-        stored_params = {k: p[k] for k in ("code_bits", "width", "max_residual")}
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={"issba": json.dumps(stored_params)})
-        self.record_asset("encoder", path)
+            recent = [*recent[-19:], loss_bits.item()]
+            bar.set_postfix(bits=f"{recent[-1]:.3f}")
+        return True
 
     @torch.no_grad()
     def apply(self, image: np.ndarray, index: int) -> np.ndarray:
