@@ -62,15 +62,17 @@ def test_eval_writes_metrics_json_with_der(trained, tiny_shards, tmp_path):
     from pipeline.support.metrics import defense_effectiveness_rating
 
     baseline = json.loads((tmp_path / "b.json").read_text())["baseline"]
-    assert set(baseline) == {"clean_acc", "asr", "ra"}
+    assert set(baseline) == {"clean_acc", "asr", "ra", "clean_acc_by_class"}
     metrics = json.loads((tmp_path / "m.json").read_text())
     # 12 clean test images, 4 a class; 8 triggered ones whose true label is not the target (0), 4 of them of class 2.
     # Own spectrum, all to class 0: 4 of 12 right, every triggered one to the target. Mind control, all to class 2:
     # 4 of 12 right, none to the target, 4 of 8 to their true class.
     assert {mode: {k: m[k] for k in ("clean_acc", "asr", "ra")} for mode, m in metrics["mcci"].items()} == {
         "own": {"clean_acc": 4 / 12, "asr": 1.0, "ra": 0.0}, "mind_control": {"clean_acc": 4 / 12, "asr": 0.0, "ra": 0.5}}
+    assert metrics["mcci"]["own"]["clean_acc_by_class"] == [1.0, 0.0, 0.0]  # all to class 0: only its images right
+    assert metrics["mcci"]["mind_control"]["clean_acc_by_class"] == [0.0, 0.0, 1.0]
     for mode in [*metrics["mcci"].values(), *metrics["references"].values()]:
-        assert set(mode) == {"clean_acc", "asr", "ra", "der"}
+        assert set(mode) == {"clean_acc", "asr", "ra", "clean_acc_by_class", "der"}
         assert mode["der"] == pytest.approx(defense_effectiveness_rating(baseline, mode))
     assert set(metrics["references"]) == {"spectrum:test-clean:3"}
     assert metrics["reference"]["count"] == 4 and metrics["reference"]["source"] == "trusted"

@@ -38,7 +38,8 @@ def _validated_like_eval(run: Path, shards: Path, evaluated: dict) -> None:
 
     records = [json.loads(line) for line in (run / "val_log.jsonl").read_text().splitlines()]
     last = {r["mode"]: r for r in records if r["epoch"] == max(r["epoch"] for r in records) and r["weights"] == "raw"}
-    assert {mode: {k: last[mode][k] for k in ("clean_acc", "asr", "ra")} for mode in last} == evaluated["mcci"]
+    figures = ("clean_acc", "asr", "ra", "clean_acc_by_class")  # per-class counts summed over the ranks too
+    assert {mode: {k: last[mode][k] for k in figures} for mode in last} == evaluated["mcci"]
     model, cfg, _ = load_trained(run, torch.device("cpu"))
     parts: dict[str, float] = {}
     evaluate(model, str(shards), load_manifest(str(shards)), build_transform(cfg), torch.device("cpu"), 16, 0,
