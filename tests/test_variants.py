@@ -255,7 +255,7 @@ def test_a_lowpass_model_trains_end_to_end_and_eval_audit_export_rebuild_it(tiny
     main(["eval", *common, "--out", str(tmp_path / "metrics.json")])
     validated = [json.loads(line) for line in (out / "val_log.jsonl").read_text().splitlines()]
     # the last validation used the training job's view and reference: eval's figures only if it rebuilt both
-    assert {r["mode"]: {k: r[k] for k in ("clean_acc", "asr", "ra")} for r in validated} == \
+    assert {r["mode"]: {k: r[k] for k in ("clean_acc", "asr", "ra", "clean_acc_by_class")} for r in validated} == \
         json.loads((tmp_path / "metrics.json").read_text())["mcci"]
     main(["audit", *common, "--out", str(tmp_path / "audit")])
     assert json.loads((tmp_path / "audit" / "audit.json").read_text())["samples"] == 42
