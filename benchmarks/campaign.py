@@ -1,4 +1,4 @@
-"""A campaign: a plan's attacks x models x seeds, run as cells in parallel processes within a deadline, one JSON per
+"""A campaign: a plan's attacks x models x seeds, run as cells in parallel processes (within a deadline if given), one JSON per
 finished cell, resumable across short GPU windows.
 
     python -m benchmarks.campaign configs/campaigns/imagenette224.yaml --out runs/campaign \\
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import signal
@@ -86,7 +87,7 @@ class Campaign:
     plan_dir: Path
     out: Path
     data_root: Path
-    deadline: float  # time.monotonic() at which every process must be gone
+    deadline: float  # time.monotonic() at which every process must be gone (inf: none)
     parallel: int
     extra: list[str] = field(default_factory=list)  # overrides for every cell (e.g. train.mixed_precision=bf16)
     finished_seconds: list[float] = field(default_factory=list)
@@ -183,7 +184,8 @@ def run_logged(campaign: Campaign, command: list[str], log: Path) -> int:
         with campaign.lock:
             campaign.processes.add(process)
         try:
-            return process.wait(timeout=max(campaign.left(), 1))
+            left = campaign.left()
+            return process.wait(timeout=None if left == math.inf else max(left, 1))
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -223,9 +225,13 @@ def build_shards(campaign: Campaign, attack: str) -> bool:
     if (campaign.out / "shards" / attack / "manifest.json").exists():
         return True
     log = campaign.out / "logs" / f"shards--{attack}.log"
-    ok = run_logged(campaign, build_command(campaign, attack), log) == 0
-    print(f"[campaign] shards {attack}: {'built' if ok else 'FAILED, see ' + str(log)}", flush=True)
-    return ok
+    status = run_logged(campaign, build_command(campaign, attack), log)
+    if status == -9:
+        print(f"[campaign] shards {attack}: stopped at the deadline (--deadline-s), nothing kept; run again with a "
+              "later one", flush=True)
+    else:
+        print(f"[campaign] shards {attack}: {'built' if status == 0 else 'FAILED, see ' + str(log)}", flush=True)
+    return status == 0
 
 
 def train_command(campaign: Campaign, cell: Cell) -> list[str]:
@@ -371,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("plan", help="the plan (YAML)")
     parser.add_argument("--out", required=True, help="the campaign folder (shards, runs, cells, logs)")
     parser.add_argument("--data-root", default=".", help="folder the plan's sources are relative to")
-    parser.add_argument("--deadline-s", type=float, default=480, help="seconds after which no process runs on")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="seconds after which no process runs on (a GPU window's length); default: none")
     parser.add_argument("--parallel", type=int, default=2, help="cells (and shard builds) at a time")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="change the plan, e.g. --set build.max_train=60 --set attacks.issba.params.steps=10 "
@@ -388,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     campaign = Campaign(plan=plan, plan_dir=Path(args.plan).resolve().parent, out=out.resolve(),
-                        data_root=Path(args.data_root).resolve(), deadline=time.monotonic() + args.deadline_s,
+                        data_root=Path(args.data_root).resolve(), deadline=time.monotonic() + (math.inf if args.deadline_s is None else args.deadline_s),
                         parallel=args.parallel, extra=args.overrides)
     result = run_campaign(campaign)
     for row in result["rows"]:

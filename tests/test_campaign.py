@@ -6,7 +6,8 @@ import time
 import pytest
 import yaml
 
-from benchmarks.campaign import Campaign, PlanError, load_plan, main, run_logged
+import benchmarks.campaign as campaign_module
+from benchmarks.campaign import Campaign, PlanError, build_shards, load_plan, main, run_logged
 from conftest import TINY_TRAIN, make_image_tree
 
 PLAN = {
@@ -89,6 +90,30 @@ def test_a_process_past_the_deadline_is_stopped_and_its_cell_resumes_next_time(p
     record = json.loads((out / "cells" / "patch--mcci--s0.json").read_text())
     assert record["commands"][0].endswith("train.resume=true")
     assert sorted({r["epoch"] for r in record["epochs"]}) == [1, 2]  # the log holds each epoch once
+
+
+def test_without_a_deadline_nothing_is_cut_short(plan, tmp_path, monkeypatch):
+    """A campaign run by hand (a CPU experiment, not a GPU window) has no deadline unless given one: a default
+    of minutes once killed a 25-minute ISSBA build and its cells silently."""
+    seen = {}
+
+    def record(campaign):
+        seen["left"] = campaign.left()
+        return {"rows": [], "cells": [], "outcomes": {}}
+    monkeypatch.setattr(campaign_module, "run_campaign", record)
+    main([str(plan), "--out", str(tmp_path / "c"), "--data-root", str(tmp_path)])
+    assert seen["left"] == float("inf")
+    campaign = Campaign(plan=load_plan(plan), plan_dir=tmp_path, out=tmp_path / "c", data_root=tmp_path,
+                        deadline=float("inf"), parallel=1)
+    assert run_logged(campaign, ["sleep", "1.5"], tmp_path / "c" / "sleep.log") == 0
+
+
+def test_a_build_stopped_at_the_deadline_says_so(plan, tmp_path, monkeypatch, capsys):
+    campaign = Campaign(plan=load_plan(plan), plan_dir=tmp_path, out=tmp_path / "c", data_root=tmp_path,
+                        deadline=time.monotonic() + 1, parallel=1)
+    monkeypatch.setattr(campaign_module, "build_command", lambda campaign, attack: ["sleep", "30"])
+    assert not build_shards(campaign, "patch")
+    assert "shards patch: stopped at the deadline (--deadline-s)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change, message", [
