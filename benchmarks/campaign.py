@@ -1,5 +1,5 @@
-"""A campaign: a plan's attacks x models x seeds, run as cells in parallel processes (within a deadline if given), one JSON per
-finished cell, resumable across short GPU windows.
+"""A campaign: a plan's attacks x models x seeds, run as cells in parallel processes (within a deadline if given), one
+JSON per finished cell, resumable across short GPU windows.
 
     python -m benchmarks.campaign configs/campaigns/imagenette224.yaml --out runs/campaign \\
         --data-root ../shared/data/imagenette --deadline-s 480 --parallel 4
@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     campaign = Campaign(plan=plan, plan_dir=Path(args.plan).resolve().parent, out=out.resolve(),
-                        data_root=Path(args.data_root).resolve(), deadline=time.monotonic() + (math.inf if args.deadline_s is None else args.deadline_s),
+                        data_root=Path(args.data_root).resolve(),
+                        deadline=time.monotonic() + (math.inf if args.deadline_s is None else args.deadline_s),
                         parallel=args.parallel, extra=args.overrides)
     result = run_campaign(campaign)
     for row in result["rows"]:
